@@ -1,0 +1,709 @@
+"""Plumbing shared by the method scripts: data, augmentations, backbones, distributed, AMP, LARS, schedules,
+FLOP counting, checkpoints, logging and the k-NN monitor. Nothing here knows which method is training."""
+
+import functools
+import json
+import math
+import os
+import random
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32, "imagenet": 224, "folder": 224}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+class UserError(Exception):
+    """A problem the user can fix; reported as one line, without a traceback."""
+
+
+def run(main):
+    """Run a script's main(); user errors end it with one line and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss sends gradient to every rank's slice: sum them, then keep our own slice.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // world_size()
+        return grad[rank() * n : (rank() + 1) * n]
+
+
+def gather(x):
+    """All-gather along dim 0 that keeps gradients (identity when not distributed)."""
+    return _Gather.apply(x) if world_size() > 1 else x
+
+
+def init(args, method):
+    """Validate the shared flags, set up processes, device, seeds and the output folder."""
+    for name, choices in [("dataset", NATIVE_SIZE), ("arch", ARCHS), ("amp", ("auto", "bf16", "fp16", "off"))]:
+        if getattr(args, name) not in choices:
+            raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(choices)}")
+    args.img_size = args.img_size or NATIVE_SIZE[args.dataset]
+    args.patch_size = args.patch_size or (16 if args.img_size >= 160 else 8 if args.img_size > 64 else 4)
+    if args.arch.startswith("vit") and args.img_size % args.patch_size:
+        raise UserError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+    cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    world = world_size()
+    if args.batch % world:
+        raise UserError(f"--batch {args.batch} is not divisible by the {world} processes; pick a multiple of {world}")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    seed_everything(args.seed + rank())
+    main = rank() == 0
+    if main:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            write_json(os.path.join(args.out, "args.json"), {"method": method, **vars(args)})
+        except OSError as e:
+            raise UserError(f"cannot write to --out {args.out!r} ({e.strerror}); choose a writable folder")
+    lr = args.lr * args.batch / 256
+    if main:
+        print(f"{method}: {world} process(es) on {device}, global batch {args.batch}, lr {args.lr} x {args.batch}/256 = {lr:g}")
+    return SimpleNamespace(device=device, world=world, main=main, local_batch=args.batch // world, lr=lr, method=method)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def distribute(net, args, env):
+    """channels_last for ResNets, SyncBatchNorm and DDP when distributed on CUDA, torch.compile on request."""
+    if args.arch.startswith("resnet"):
+        net = net.to(memory_format=torch.channels_last)
+    model = net
+    if env.world > 1:
+        if env.device.type == "cuda":  # SyncBatchNorm has no CPU kernel; on CPU each process normalises its own batch
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+
+def to_device(views, args, env):
+    fmt = torch.channels_last if args.arch.startswith("resnet") else torch.contiguous_format
+    return [v.to(env.device, non_blocking=True, memory_format=fmt) for v in views]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+
+class SyntheticShapes(Dataset):
+    """Ten classes of shapes (disk, square, triangle, ring, cross, diamond, two dots, half disk, frame, X) with
+    random colours, position, scale, tilt and noise. Image i is a pure function of (seed, i): no files needed.
+    Colour carries no label information, so a random network is weak at it and invariance has to be learnt."""
+
+    def __init__(self, n, size, seed):
+        self.n, self.size, self.seed = n, size, seed
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        label = i % 10
+        bg, fg = torch.rand(3, generator=g), torch.rand(3, generator=g)
+        fg = torch.where((fg - bg).abs() < 0.25, (bg + 0.5) % 1.0, fg)  # keep the shape visible
+        cx, cy, radius, tilt = (torch.rand(4, generator=g) * torch.tensor([0.4, 0.4, 0.2, 0.6]) + torch.tensor([0.3, 0.3, 0.18, -0.3])).tolist()
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, self.size), torch.linspace(0, 1, self.size), indexing="ij")
+        dx, dy = (xx - cx) / radius, (yy - cy) / radius
+        u, v = dx * math.cos(tilt) + dy * math.sin(tilt), -dx * math.sin(tilt) + dy * math.cos(tilt)
+        r, box = (u * u + v * v).sqrt(), torch.maximum(u.abs(), v.abs())
+        mask = [
+            r < 1,
+            box < 0.8,
+            (v > -0.6) & (u.abs() < (0.9 - v) * 0.6),
+            (r > 0.55) & (r < 1),
+            ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1)),
+            u.abs() + v.abs() < 1,
+            ((u - 0.5) ** 2 + v**2 < 0.16) | ((u + 0.5) ** 2 + v**2 < 0.16),
+            (r < 1) & (v > 0),
+            (box < 0.9) & (box > 0.55),
+            (((u - v).abs() < 0.35) | ((u + v).abs() < 0.35)) & (r < 1),
+        ][label].float()
+        img = bg[:, None, None] + mask * (fg - bg)[:, None, None] + 0.06 * torch.randn(3, self.size, self.size, generator=g)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
+
+
+class ArrayImages(Dataset):
+    """uint8 images held in memory (torchvision's CIFAR/STL arrays), returned as (3, H, W) uint8 tensors."""
+
+    def __init__(self, data, labels, channels_last):
+        self.data, self.labels, self.channels_last = data, labels, channels_last
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        img = torch.from_numpy(np.ascontiguousarray(self.data[i]))
+        return (img.permute(2, 0, 1) if self.channels_last else img), int(self.labels[i])
+
+
+class ImageFiles(Dataset):
+    """Images under a folder: class sub-folders give labels (sorted names), plain images get label -1."""
+
+    def __init__(self, root, classes=None):
+        self.root = root
+        found = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.classes = classes if classes is not None else found
+        self.samples = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        for label, name in enumerate(self.classes):
+            for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+                self.samples += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        if not self.samples:
+            raise UserError(f"no images found under {root}; expected class folders of images or images directly")
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))  # grayscale, palette and RGBA become RGB
+        except Exception as e:
+            raise UserError(f"cannot read image {path} ({e}); remove or replace it") from None
+        return torch.from_numpy(img.copy()).permute(2, 0, 1), label
+
+
+def has_labels(dataset):
+    return bool(getattr(dataset, "labelled", True))
+
+
+def build_dataset(args, split):
+    """The raw dataset of uint8 (3, H, W) images and int labels (-1 when unknown) for split train|test|memory.
+    'memory' is the labelled training data used as the k-NN memory bank."""
+    name, root = args.dataset, args.data
+    if name == "synthetic":
+        ds = SyntheticShapes(4000 if split != "test" else 1000, args.img_size, args.seed + (7919 if split == "test" else 0))
+    elif name in ("imagenet", "folder"):
+        if not root or not os.path.isdir(root):
+            raise UserError(f"--data {root!r} is not a folder; give the root holding train/ (and val/ or test/)")
+        train_dir = os.path.join(root, "train")
+        if not os.path.isdir(train_dir):
+            raise UserError(f"{root} has no train/ folder; expected {root}/train/ (and {root}/val/ or {root}/test/)")
+        train = ImageFiles(train_dir)
+        if split != "test":
+            ds = train
+            ds.labelled = bool(train.classes)
+        else:
+            test_dir = next((d for d in (os.path.join(root, "val"), os.path.join(root, "test")) if os.path.isdir(d)), None)
+            ds = ImageFiles(test_dir, classes=train.classes) if test_dir and train.classes else None
+    else:
+        ds = torchvision_dataset(name, root or "data", split)
+    if ds is not None and split == "train" and args.subset:
+        if args.subset > len(ds):
+            raise UserError(f"--subset {args.subset} is larger than the {len(ds)} training images")
+        g = torch.Generator().manual_seed(args.seed)
+        ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=g)[: args.subset].tolist())
+    return ds
+
+
+def torchvision_dataset(name, root, split):
+    train = split != "test"
+    try:
+        for download in (False, True):
+            try:
+                if name == "stl10":
+                    ds = torchvision.datasets.STL10(root, split={"train": "train+unlabeled", "memory": "train", "test": "test"}[split], download=download)
+                    out = ArrayImages(ds.data, ds.labels, channels_last=False)
+                    out.labelled = split != "train"
+                    return out
+                cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+                ds = cls(root, train=train, download=download)
+                return ArrayImages(ds.data, ds.targets, channels_last=True)
+            except RuntimeError:
+                if download:
+                    raise
+    except Exception as e:
+        raise UserError(
+            f"cannot find or download {name} under {root!r} ({str(e).splitlines()[0]}); put torchvision's files there "
+            f"(--data), or use --dataset folder with an ImageFolder copy, or --dataset synthetic"
+        ) from None
+
+
+class Augmented(Dataset):
+    """Applies a transform to a raw dataset. Keys may be (epoch, index): the augmentation randomness is then a
+    pure function of (seed, epoch, index), so data do not depend on worker count and a resumed run sees exactly
+    the crops an uninterrupted one would."""
+
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i)
+            return self.transform(img), label
+
+
+class EpochSampler(Sampler):
+    """Shuffled indices for this process, reshuffled by (seed, epoch); yields (epoch, index) keys."""
+
+    def __init__(self, n, seed, local_batch):
+        self.n, self.seed, self.epoch = n, seed, 0
+        self.per_rank = n // (world_size() * local_batch) * local_batch  # full batches only, equal on every rank
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        start = rank() * self.per_rank
+        return iter([(self.epoch, i) for i in order[start : start + self.per_rank]])
+
+
+def train_loader(args, env, views):
+    dataset = Augmented(build_dataset(args, "train"), views, args.seed)
+    sampler = EpochSampler(len(dataset), args.seed, env.local_batch)
+    if len(sampler) == 0:
+        raise UserError(f"{len(dataset)} training images do not make one batch of {args.batch}; lower --batch")
+    return DataLoader(dataset, env.local_batch, sampler=sampler, num_workers=args.workers, drop_last=True,
+                      pin_memory=env.device.type == "cuda", persistent_workers=args.workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Augmentations: uint8 tensors until the final normalisation
+
+
+def blur_kernel(size):
+    return max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 taps at 224 px)
+
+
+def ssl_view(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0):
+    """One view: random resized crop, flip, colour jitter, grayscale, blur, solarize, normalise."""
+    ops = [v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+           v2.RandomHorizontalFlip()]
+    if jitter_p:
+        ops += [v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p)]
+    if gray_p:
+        ops += [v2.RandomGrayscale(gray_p)]
+    if blur_p:
+        ops += [v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_p)]
+    if solarize_p:
+        ops += [v2.RandomSolarize(128, p=solarize_p)]
+    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class Views:
+    """A list of per-view transforms applied to one image; `sizes` gives each view's side."""
+
+    def __init__(self, transforms, sizes):
+        self.transforms, self.sizes = transforms, sizes
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+
+def simclr_views(size, strength=1.0, blur_p=0.5):
+    s = strength
+    return Views([ssl_view(size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=blur_p)] * 2, [size] * 2)
+
+
+RECIPES = {
+    # SimCLR, ImageNet (paper App. A): colour strength 1, blur p 0.5 on both views.
+    "simclr": lambda size: simclr_views(size),
+    # SimCLR, CIFAR (paper App. B.9): colour strength 0.5, no blur.
+    "simclr-cifar": lambda size: simclr_views(size, strength=0.5, blur_p=0.0),
+}
+
+
+def make_views(name, size):
+    if name not in RECIPES:
+        raise UserError(f"unknown augmentation recipe {name!r}; choose from {', '.join(RECIPES)}")
+    return RECIPES[name](size)
+
+
+def eval_transform(size):
+    """Resize (to size/0.875 above 64 px, the usual 256->224 center crop) and center crop, then normalise."""
+    resize = size if size <= 64 else round(size / 0.875)
+    return v2.Compose([v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backbones
+
+
+def drop_path(x, p, training):
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class VisionTransformer(nn.Module):
+    """Pre-norm ViT with timm's parameter names. `embed` gives patch tokens with position embeddings (resized
+    for other resolutions); `encode` runs the blocks on any subset of them (MAE's visible patches)."""
+
+    def __init__(self, img_size, patch_size, dim, depth, heads, drop_path=0.0):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.grid = patch_size, dim, img_size // patch_size
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, drop_path=drop_path * i / max(1, depth - 1)) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def patch_pos_embed(self, h, w):
+        pos = self.pos_embed[:, 1:]
+        if (h, w) == (self.grid, self.grid):
+            return pos
+        grid = pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        return F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+
+    def embed(self, x):
+        x = self.patch_embed.proj(x)  # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2) + self.patch_pos_embed(*x.shape[2:])  # (B, h*w, D)
+
+    def encode(self, tokens):
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)  # (B, 1 + L, D)
+
+    def forward(self, x):
+        return self.encode(self.embed(x))[:, 0]
+
+
+ARCHS = {"resnet18": 512, "resnet50": 2048, "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+
+
+def uses_cifar_stem(args):
+    return args.stem == "cifar" or (args.stem == "auto" and args.img_size <= 64)
+
+
+def build_backbone(args, drop_path=0.0):
+    """torchvision ResNet without fc (CIFAR stem at 64 px and below unless --stem says otherwise), or a ViT.
+    The module's `embed_dim` is its output width."""
+    if args.arch.startswith("vit"):
+        dim, depth, heads = ARCHS[args.arch]
+        return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, drop_path)
+    net = getattr(torchvision.models, args.arch)()
+    if uses_cifar_stem(args):
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    net.fc = nn.Identity()
+    net.embed_dim = ARCHS[args.arch]
+    return net
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimisation
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in the official SimCLR/BYOL/VICReg code: weight decay, then the trust ratio eta*||p||/||g||, then
+    momentum; 1-D parameters (biases, norms) skip both the decay and the trust ratio."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((p_norm > 0) & (d_norm > 0), group["eta"] * p_norm / d_norm, torch.ones_like(p_norm))
+                    d = d * trust
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(d)
+                p.add_(mu, alpha=-group["lr"])
+
+
+def build_optimizer(args, env, model, betas=(0.9, 0.999)):
+    """LARS (handles 1-D exclusion itself), or SGD/AdamW with no weight decay on 1-D parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "lars":
+        return LARS(params, lr=env.lr, weight_decay=args.wd)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.wd},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=env.lr, momentum=0.9)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=env.lr, betas=betas, fused=env.device.type == "cuda")
+    raise UserError(f"unknown --optimizer {args.optimizer!r}; choose from lars, sgd, adamw")
+
+
+def cosine_schedule(step, total_steps, warmup_steps, peak, final=0.0):
+    """Linear warmup from 0 to `peak`, then half-cycle cosine from `peak` to `final`; evaluated per step."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def autocast(args, env):
+    """AMP written once: returns (context factory, GradScaler). bf16 on CUDA by default, off on CPU."""
+    dtype = {"auto": torch.bfloat16 if env.device.type == "cuda" else None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    amp = functools.partial(torch.autocast, env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    return amp, torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
+
+
+def count_step_flops(net, views):
+    """FLOPs of one forward and backward pass of `net(views)` on this process's batch. Buffers (BN statistics,
+    centers) and RNG are restored afterwards, so counting does not change the run."""
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    cuda = [views[0].device] if views[0].is_cuda else []
+    with torch.random.fork_rng(devices=cuda), FlopCounterMode(display=False) as counter:
+        loss, _ = net(views)
+        loss.backward()
+    net.load_state_dict(buffers, strict=False)
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints and logging
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file in the same folder, flush to disk, then rename: a kill leaves the old file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(args, env, epoch, step, net, optimizer, scaler):
+    if not env.main:
+        return
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if env.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(env.device)
+    state = {"method": env.method, "arch": args.arch, "img_size": args.img_size, "epoch": epoch, "step": step,
+             "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+    atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
+    atomic_save(net.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
+
+
+def resume(args, env, net, optimizer, scaler):
+    """Load checkpoint.pt from --out if there is one; returns (first epoch to train, global step)."""
+    path = os.path.join(args.out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return 0, 0
+    try:
+        state = torch.load(path, map_location=env.device, weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({e}); move it away to start afresh") from None
+    for key, want in [("method", env.method), ("arch", args.arch), ("img_size", args.img_size)]:
+        if state.get(key) != want:
+            raise UserError(f"{path} holds a {key} {state.get(key)!r} run, not {want!r}; use another --out to start afresh")
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if rank() == 0:  # other ranks keep their own seeds: per-rank randomness (drop path, masks) must differ
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and env.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], env.device)
+    if env.main:
+        print(f"resumed from {path} at epoch {state['epoch'] + 1}")
+    return state["epoch"] + 1, state["step"]
+
+
+class TrainLog:
+    """log.jsonl on rank 0 and a tqdm bar per epoch. Losses accumulate on the device; the host reads them only
+    every `every` steps, so the training loop has no per-step synchronisation."""
+
+    def __init__(self, args, env, flops_per_step, steps_per_epoch):
+        self.args, self.env, self.every, self.flops_per_step = args, env, args.log_every, flops_per_step
+        self.steps_per_epoch, self.bar, self.loss_sum, self.count = steps_per_epoch, None, 0.0, 0
+        self.path = os.path.join(args.out, "log.jsonl")
+        self.tick = time.perf_counter()
+
+    def write(self, record):
+        if self.env.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def epoch(self, loader, epoch):
+        loader.sampler.set_epoch(epoch)
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.env.main, leave=False, dynamic_ncols=True)
+        return self.bar
+
+    def step(self, epoch, step, lr, loss, scalars):
+        self.loss_sum, self.count = self.loss_sum + loss.detach(), self.count + 1
+        if step % self.every and step % self.steps_per_epoch:
+            return
+        mean_loss = float(self.loss_sum) / self.count  # the only host sync, once per interval
+        if not math.isfinite(mean_loss):
+            raise UserError(f"loss became {mean_loss} by step {step}: lower --lr, or try --amp off; "
+                            "the last good checkpoint is kept")
+        now = time.perf_counter()
+        record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
+                  "img_per_s": self.count * self.args.batch / (now - self.tick), "flops": step * self.flops_per_step,
+                  **{k: float(v) for k, v in scalars.items()}}
+        self.tick, self.loss_sum, self.count = now, 0.0, 0
+        self.write(record)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{record['img_per_s']:.0f}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# k-NN evaluation
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, args, env, batch=256):
+    """L2-normalised features and labels of a dataset, computed in shards over the processes."""
+    n, world = len(dataset), world_size()
+    per_rank = -(-n // world)
+    ids = [i % n for i in range(rank() * per_rank, (rank() + 1) * per_rank)]
+    loader = DataLoader(torch.utils.data.Subset(dataset, ids), batch, num_workers=args.workers, pin_memory=env.device.type == "cuda")
+    amp, _ = autocast(args, env)
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for img, label in loader:
+        with amp():
+            feats.append(F.normalize(backbone(to_device([img], args, env)[0]).float(), dim=1))
+        labels.append(label.to(env.device))
+    backbone.train(was_training)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if world > 1:
+        parts_f, parts_l = [torch.empty_like(feats) for _ in range(world)], [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(parts_f, feats)
+        dist.all_gather(parts_l, labels)
+        feats, labels = torch.cat(parts_f)[:n], torch.cat(parts_l)[:n]
+    return feats, labels
+
+
+def knn_predict(train_feats, train_labels, test_feats, k=20, temperature=0.07, chunk=1024):
+    """Weighted k-NN (DINO's eval_knn): the k most cosine-similar training samples vote with exp(sim / T)."""
+    classes = int(train_labels.max()) + 1
+    k = min(k, len(train_feats))
+    preds = []
+    for part in test_feats.split(chunk):
+        sim, idx = (part @ train_feats.T).topk(k, dim=1)
+        votes = torch.zeros(len(part), classes, device=part.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        preds.append(votes.argmax(1))
+    return torch.cat(preds)
+
+
+def knn_eval(backbone, args, env, ks=(20, 200)):
+    """k-NN top-1 (%) of the backbone on the test split with the training split as memory; None if unlabelled."""
+    memory, test = build_dataset(args, "memory"), build_dataset(args, "test")
+    if test is None or not has_labels(memory):
+        return None
+    transform = eval_transform(args.img_size)
+    train_f, train_l = extract_features(backbone, Augmented(memory, transform), args, env)
+    test_f, test_l = extract_features(backbone, Augmented(test, transform), args, env)
+    return {f"knn_top1_k{k}" if k != ks[0] else "knn_top1": 100.0 * (knn_predict(train_f, train_l, test_f, k) == test_l).float().mean().item() for k in ks}
