@@ -1,6 +1,7 @@
 """Plumbing shared by the method scripts: data, augmentations, backbones, distributed, AMP, LARS, schedules,
 FLOP counting, checkpoints, logging and the k-NN monitor. Nothing here knows which method is training."""
 
+import argparse
 import functools
 import json
 import math
@@ -24,6 +25,10 @@ from tqdm import tqdm
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32, "imagenet": 224, "folder": 224}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows the script's docstring as written and every flag's default."""
 
 
 class UserError(Exception):
@@ -104,7 +109,9 @@ def init(args, method):
             raise UserError(f"cannot write to --out {args.out!r} ({e.strerror}); choose a writable folder")
     lr = args.lr * args.batch / 256
     if main:
-        print(f"{method}: {world} process(es) on {device}, global batch {args.batch}, lr {args.lr} x {args.batch}/256 = {lr:g}")
+        print(
+            f"{method}: {world} process(es) on {device}, batch {args.batch}, lr {args.lr} x {args.batch}/256 = {lr:g}"
+        )
     return SimpleNamespace(device=device, world=world, main=main, local_batch=args.batch // world, lr=lr, method=method)
 
 
@@ -122,7 +129,8 @@ def distribute(net, args, env):
     if env.world > 1:
         if env.device.type == "cuda":  # SyncBatchNorm has no CPU kernel; on CPU each process normalises its own batch
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     return torch.compile(model) if args.compile else model
 
 
@@ -151,7 +159,9 @@ class SyntheticShapes(Dataset):
         label = i % 10
         bg, fg = torch.rand(3, generator=g), torch.rand(3, generator=g)
         fg = torch.where((fg - bg).abs() < 0.25, (bg + 0.5) % 1.0, fg)  # keep the shape visible
-        cx, cy, radius, tilt = (torch.rand(4, generator=g) * torch.tensor([0.4, 0.4, 0.2, 0.6]) + torch.tensor([0.3, 0.3, 0.18, -0.3])).tolist()
+        cx, cy, radius, tilt = (
+            torch.rand(4, generator=g) * torch.tensor([0.4, 0.4, 0.2, 0.6]) + torch.tensor([0.3, 0.3, 0.18, -0.3])
+        ).tolist()
         yy, xx = torch.meshgrid(torch.linspace(0, 1, self.size), torch.linspace(0, 1, self.size), indexing="ij")
         dx, dy = (xx - cx) / radius, (yy - cy) / radius
         u, v = dx * math.cos(tilt) + dy * math.sin(tilt), -dx * math.sin(tilt) + dy * math.cos(tilt)
@@ -168,7 +178,8 @@ class SyntheticShapes(Dataset):
             (box < 0.9) & (box > 0.55),
             (((u - v).abs() < 0.35) | ((u + v).abs() < 0.35)) & (r < 1),
         ][label].float()
-        img = bg[:, None, None] + mask * (fg - bg)[:, None, None] + 0.06 * torch.randn(3, self.size, self.size, generator=g)
+        noise = 0.06 * torch.randn(3, self.size, self.size, generator=g)
+        img = bg[:, None, None] + mask * (fg - bg)[:, None, None] + noise
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
 
 
@@ -193,10 +204,14 @@ class ImageFiles(Dataset):
         self.root = root
         found = sorted(d.name for d in os.scandir(root) if d.is_dir())
         self.classes = classes if classes is not None else found
-        self.samples = [(os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)]
+        self.samples = [
+            (os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)
+        ]
         for label, name in enumerate(self.classes):
             for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-                self.samples += [(os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
+                self.samples += [
+                    (os.path.join(folder, f), label) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)
+                ]
         if not self.samples:
             raise UserError(f"no images found under {root}; expected class folders of images or images directly")
 
@@ -224,7 +239,8 @@ def build_dataset(args, split):
     'memory' is the labelled training data used as the k-NN memory bank."""
     name, root = args.dataset, args.data
     if name == "synthetic":
-        ds = SyntheticShapes(4000 if split != "test" else 1000, args.img_size, args.seed + (7919 if split == "test" else 0))
+        test = split == "test"  # the test images come from another seed
+        ds = SyntheticShapes(1000 if test else 4000, args.img_size, args.seed + (7919 if test else 0))
     elif name in ("imagenet", "folder"):
         if not root or not os.path.isdir(root):
             raise UserError(f"--data {root!r} is not a folder; give the root holding train/ (and val/ or test/)")
@@ -236,7 +252,7 @@ def build_dataset(args, split):
             ds = train
             ds.labelled = bool(train.classes)
         else:
-            test_dir = next((d for d in (os.path.join(root, "val"), os.path.join(root, "test")) if os.path.isdir(d)), None)
+            test_dir = next((d for d in (f"{root}/val", f"{root}/test") if os.path.isdir(d)), None)
             ds = ImageFiles(test_dir, classes=train.classes) if test_dir and train.classes else None
     else:
         ds = torchvision_dataset(name, root or "data", split)
@@ -254,7 +270,8 @@ def torchvision_dataset(name, root, split):
         for download in (False, True):
             try:
                 if name == "stl10":
-                    ds = torchvision.datasets.STL10(root, split={"train": "train+unlabeled", "memory": "train", "test": "test"}[split], download=download)
+                    stl_split = {"train": "train+unlabeled", "memory": "train", "test": "test"}[split]
+                    ds = torchvision.datasets.STL10(root, split=stl_split, download=download)
                     out = ArrayImages(ds.data, ds.labels, channels_last=False)
                     out.labelled = split != "train"
                     return out
@@ -314,8 +331,8 @@ def train_loader(args, env, views):
     sampler = EpochSampler(len(dataset), args.seed, env.local_batch)
     if len(sampler) == 0:
         raise UserError(f"{len(dataset)} training images do not make one batch of {args.batch}; lower --batch")
-    return DataLoader(dataset, env.local_batch, sampler=sampler, num_workers=args.workers, drop_last=True,
-                      pin_memory=env.device.type == "cuda", persistent_workers=args.workers > 0)
+    workers = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=env.device.type == "cuda")
+    return DataLoader(dataset, env.local_batch, sampler=sampler, drop_last=True, **workers)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,10 +343,12 @@ def blur_kernel(size):
     return max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 taps at 224 px)
 
 
-def ssl_view(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0):
+def ssl_view(
+    size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0
+):
     """One view: random resized crop, flip, colour jitter, grayscale, blur, solarize, normalise."""
-    ops = [v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-           v2.RandomHorizontalFlip()]
+    bicubic = v2.InterpolationMode.BICUBIC
+    ops = [v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip()]
     if jitter_p:
         ops += [v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p)]
     if gray_p:
@@ -338,7 +357,12 @@ def ssl_view(size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
         ops += [v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_p)]
     if solarize_p:
         ops += [v2.RandomSolarize(128, p=solarize_p)]
-    return v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return v2.Compose(ops + [normalize()])
+
+
+def normalize():
+    """uint8 (3, H, W) -> float32 with ImageNet mean and std: the last step of every pipeline."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class Views:
@@ -356,11 +380,19 @@ def simclr_views(size, strength=1.0, blur_p=0.5):
     return Views([ssl_view(size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=blur_p)] * 2, [size] * 2)
 
 
+def byol_views(size, blur=(1.0, 0.1), solarize=(0.0, 0.2)):
+    return Views([ssl_view(size, blur_p=b, solarize_p=s) for b, s in zip(blur, solarize)], [size] * 2)
+
+
 RECIPES = {
     # SimCLR, ImageNet (paper App. A): colour strength 1, blur p 0.5 on both views.
     "simclr": lambda size: simclr_views(size),
     # SimCLR, CIFAR (paper App. B.9): colour strength 0.5, no blur.
     "simclr-cifar": lambda size: simclr_views(size, strength=0.5, blur_p=0.0),
+    # BYOL (paper Table 6), also the official VICReg and Barlow Twins code: asymmetric blur and solarize.
+    "byol": lambda size: byol_views(size),
+    # VICReg as its paper describes it: BYOL's pipeline made symmetric.
+    "vicreg-symmetric": lambda size: byol_views(size, blur=(0.5, 0.5), solarize=(0.1, 0.1)),
 }
 
 
@@ -373,8 +405,8 @@ def make_views(name, size):
 def eval_transform(size):
     """Resize (to size/0.875 above 64 px, the usual 256->224 center crop) and center crop, then normalise."""
     resize = size if size <= 64 else round(size / 0.875)
-    return v2.Compose([v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    bicubic = v2.InterpolationMode.BICUBIC
+    return v2.Compose([v2.Resize(resize, interpolation=bicubic, antialias=True), v2.CenterCrop(size), normalize()])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,7 +463,8 @@ class VisionTransformer(nn.Module):
         self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
-        self.blocks = nn.ModuleList(Block(dim, heads, drop_path=drop_path * i / max(1, depth - 1)) for i in range(depth))
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth rises linearly
+        self.blocks = nn.ModuleList(Block(dim, heads, drop_path=rate) for rate in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
@@ -462,7 +495,9 @@ class VisionTransformer(nn.Module):
         return self.encode(self.embed(x))[:, 0]
 
 
-ARCHS = {"resnet18": 512, "resnet50": 2048, "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+# output width of a ResNet; (width, depth, heads) of a ViT
+ARCHS = {"resnet18": 512, "resnet50": 2048, "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6)}
+ARCHS["vit_base"] = (768, 12, 12)
 
 
 def uses_cifar_stem(args):
@@ -504,14 +539,12 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     d = d.add(p, alpha=group["weight_decay"])
                     p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((p_norm > 0) & (d_norm > 0), group["eta"] * p_norm / d_norm, torch.ones_like(p_norm))
-                    d = d * trust
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(d)
-                p.add_(mu, alpha=-group["lr"])
+                    trust = group["eta"] * p_norm / d_norm
+                    d = d * torch.where((p_norm > 0) & (d_norm > 0), trust, torch.ones_like(trust))
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+                self.state[p]["mu"].mul_(group["momentum"]).add_(d)
+                p.add_(self.state[p]["mu"], alpha=-group["lr"])
 
 
 def build_optimizer(args, env, model, betas=(0.9, 0.999)):
@@ -519,8 +552,8 @@ def build_optimizer(args, env, model, betas=(0.9, 0.999)):
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "lars":
         return LARS(params, lr=env.lr, weight_decay=args.wd)
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.wd},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=env.lr, momentum=0.9)
     if args.optimizer == "adamw":
@@ -541,16 +574,35 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
+@torch.no_grad()
+def ema_update(target, online, momentum):
+    """target <- momentum * target + (1 - momentum) * online, parameters and float buffers (BN statistics) alike.
+    `online` is a list of modules whose state_dicts, concatenated, line up with the target's."""
+    target_state = list(target.state_dict().values())
+    online_state = [t for module in online for t in module.state_dict().values()]
+    floats = [(t, o) for t, o in zip(target_state, online_state, strict=True) if t.is_floating_point()]
+    torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1 - momentum)
+    for t, o in zip(target_state, online_state):
+        if not t.is_floating_point():  # BN's num_batches_tracked
+            t.copy_(o)
+
+
 def autocast(args, env):
     """AMP written once: returns (context factory, GradScaler). bf16 on CUDA by default, off on CPU."""
-    dtype = {"auto": torch.bfloat16 if env.device.type == "cuda" else None, "bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    cuda = env.device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
     amp = functools.partial(torch.autocast, env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     return amp, torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
 
 
-def count_step_flops(net, views):
-    """FLOPs of one forward and backward pass of `net(views)` on this process's batch. Buffers (BN statistics,
-    centers) and RNG are restored afterwards, so counting does not change the run."""
+def count_step_flops(net, sizes, args, env):
+    """FLOPs of one training step (forward and backward, every view) summed over the processes, counted once on
+    blank views of the given sides. Buffers (BN statistics, centers) and RNG are restored afterwards."""
+    views = to_device([torch.zeros(env.local_batch, 3, s, s, device=env.device) for s in sizes], args, env)
+    return flop_count(net, views) * env.world
+
+
+def flop_count(net, views):
     buffers = {name: b.clone() for name, b in net.named_buffers()}
     cuda = [views[0].device] if views[0].is_cuda else []
     with torch.random.fork_rng(devices=cuda), FlopCounterMode(display=False) as counter:
@@ -586,8 +638,8 @@ def save_checkpoint(args, env, epoch, step, net, optimizer, scaler):
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if env.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(env.device)
-    state = {"method": env.method, "arch": args.arch, "img_size": args.img_size, "epoch": epoch, "step": step,
-             "model": net.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+    state = dict(method=env.method, arch=args.arch, img_size=args.img_size, epoch=epoch, step=step, rng=rng)
+    state.update(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
     atomic_save(net.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
 
@@ -603,7 +655,8 @@ def resume(args, env, net, optimizer, scaler):
         raise UserError(f"{path} is not a readable checkpoint ({e}); move it away to start afresh") from None
     for key, want in [("method", env.method), ("arch", args.arch), ("img_size", args.img_size)]:
         if state.get(key) != want:
-            raise UserError(f"{path} holds a {key} {state.get(key)!r} run, not {want!r}; use another --out to start afresh")
+            found = f"{key} {state.get(key)!r} run, not {want!r}"
+            raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -644,12 +697,14 @@ class TrainLog:
             return
         mean_loss = float(self.loss_sum) / self.count  # the only host sync, once per interval
         if not math.isfinite(mean_loss):
-            raise UserError(f"loss became {mean_loss} by step {step}: lower --lr, or try --amp off; "
-                            "the last good checkpoint is kept")
+            advice = "lower --lr, or try --amp off; the last good checkpoint is kept"
+            raise UserError(f"loss became {mean_loss} by step {step}: {advice}")
         now = time.perf_counter()
-        record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr,
-                  "img_per_s": self.count * self.args.batch / (now - self.tick), "flops": step * self.flops_per_step,
-                  **{k: float(v) for k, v in scalars.items()}}
+        img_per_s = self.count * self.args.batch / (now - self.tick)
+        record = dict(
+            epoch=epoch, step=step, loss=mean_loss, lr=lr, img_per_s=img_per_s, flops=step * self.flops_per_step
+        )
+        record.update({k: float(v) for k, v in scalars.items()})
         self.tick, self.loss_sum, self.count = now, 0.0, 0
         self.write(record)
         if self.bar is not None:
@@ -662,31 +717,33 @@ class TrainLog:
 
 @torch.no_grad()
 def extract_features(backbone, dataset, args, env, batch=256):
-    """L2-normalised features and labels of a dataset, computed in shards over the processes."""
+    """Backbone features (float32) and labels of a dataset, computed in shards over the processes."""
     n, world = len(dataset), world_size()
     per_rank = -(-n // world)
     ids = [i % n for i in range(rank() * per_rank, (rank() + 1) * per_rank)]
-    loader = DataLoader(torch.utils.data.Subset(dataset, ids), batch, num_workers=args.workers, pin_memory=env.device.type == "cuda")
+    shard = torch.utils.data.Subset(dataset, ids)
+    loader = DataLoader(shard, batch, num_workers=args.workers, pin_memory=env.device.type == "cuda")
     amp, _ = autocast(args, env)
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
     for img, label in loader:
         with amp():
-            feats.append(F.normalize(backbone(to_device([img], args, env)[0]).float(), dim=1))
+            feats.append(backbone(to_device([img], args, env)[0]).float())
         labels.append(label.to(env.device))
     backbone.train(was_training)
     feats, labels = torch.cat(feats), torch.cat(labels)
     if world > 1:
-        parts_f, parts_l = [torch.empty_like(feats) for _ in range(world)], [torch.empty_like(labels) for _ in range(world)]
-        dist.all_gather(parts_f, feats)
-        dist.all_gather(parts_l, labels)
-        feats, labels = torch.cat(parts_f)[:n], torch.cat(parts_l)[:n]
+        parts = [[torch.empty_like(t) for _ in range(world)] for t in (feats, labels)]
+        dist.all_gather(parts[0], feats)
+        dist.all_gather(parts[1], labels)
+        feats, labels = torch.cat(parts[0])[:n], torch.cat(parts[1])[:n]
     return feats, labels
 
 
 def knn_predict(train_feats, train_labels, test_feats, k=20, temperature=0.07, chunk=1024):
     """Weighted k-NN (DINO's eval_knn): the k most cosine-similar training samples vote with exp(sim / T)."""
+    train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
     classes = int(train_labels.max()) + 1
     k = min(k, len(train_feats))
     preds = []
@@ -698,6 +755,18 @@ def knn_predict(train_feats, train_labels, test_feats, k=20, temperature=0.07, c
     return torch.cat(preds)
 
 
+def knn_monitor(backbone, args, env, epoch):
+    """k-NN top-1 every --knn-every epochs and after the last one; {} otherwise or without labels."""
+    if not args.knn_every or ((epoch + 1) % args.knn_every and epoch + 1 != args.epochs):
+        return {}
+    knn = knn_eval(backbone, args, env)
+    if knn and env.main:
+        print(f"epoch {epoch}: k-NN top-1 {knn['knn_top1']:.2f}")
+    elif env.main and epoch + 1 == args.epochs:
+        print("k-NN monitor skipped: the data set has no labelled train/ and val/ (or test/)")
+    return knn or {}
+
+
 def knn_eval(backbone, args, env, ks=(20, 200)):
     """k-NN top-1 (%) of the backbone on the test split with the training split as memory; None if unlabelled."""
     memory, test = build_dataset(args, "memory"), build_dataset(args, "test")
@@ -706,4 +775,10 @@ def knn_eval(backbone, args, env, ks=(20, 200)):
     transform = eval_transform(args.img_size)
     train_f, train_l = extract_features(backbone, Augmented(memory, transform), args, env)
     test_f, test_l = extract_features(backbone, Augmented(test, transform), args, env)
-    return {f"knn_top1_k{k}" if k != ks[0] else "knn_top1": 100.0 * (knn_predict(train_f, train_l, test_f, k) == test_l).float().mean().item() for k in ks}
+    return knn_accuracy(train_f, train_l, test_f, test_l, ks)
+
+
+def knn_accuracy(train_f, train_l, test_f, test_l, ks=(20, 200)):
+    """{'knn_top1': top-1 % at ks[0], 'knn_top1_k<k>': at the others}."""
+    top1 = {k: 100.0 * (knn_predict(train_f, train_l, test_f, k) == test_l).float().mean().item() for k in ks}
+    return {("knn_top1" if k == ks[0] else f"knn_top1_k{k}"): v for k, v in top1.items()}

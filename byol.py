@@ -1,0 +1,139 @@
+"""BYOL: Bootstrap Your Own Latent, a New Approach to Self-Supervised Learning.
+Jean-Bastien Grill, Florian Strub, Florent Altche, et al. NeurIPS 2020. https://arxiv.org/abs/2006.07733
+
+An online encoder, projector and predictor predict from one view the target network's projection of the other
+view (2 - 2 cos, symmetrised). The target is an EMA of the online encoder and projector and gets no gradient.
+
+Usage:
+    python byol.py --dataset synthetic --arch resnet18 --stem imagenet --batch 64 --epochs 6       # CPU demo
+    torchrun --nproc_per_node=8 byol.py --dataset imagenet --data /data/imagenet --batch 4096
+    python byol.py --dataset cifar10 --arch resnet18 --batch 256 --epochs 1000 --lr 1.0 --wd 1e-5 --ema 0.99 \\
+        --aug byol                                     # solo-learn's CIFAR-10 recipe, 92.6 (RECIPES.md 7.1)
+    python eval_linear.py --ckpt runs/byol/backbone.pt
+
+Defaults: the paper's ImageNet recipe: ResNet-50, projector and predictor 4096-256, LARS lr 0.2 x B/256, wd
+1.5e-6, batch 4096, 1000 epochs, 10 warmup, cosine, EMA 0.996 -> 1. Official presets: 300 epochs lr 0.3 wd 1e-6
+--ema 0.99; 100 epochs lr 0.45 wd 1e-6 --ema 0.99. ImageNet linear top-1 of a ResNet-50: 74.3 after 1000
+epochs (paper Table 1), 72.5 after 300 (Table 5), 69.3 after 100 (VICReg's re-implementation, its App. C.4).
+"""
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+METHOD = "byol"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    # run
+    p.add_argument("--dataset", default="synthetic", help="cifar10, cifar100, stl10, imagenet, folder or synthetic")
+    p.add_argument("--data", default=None, help="data root (folder/imagenet: holds train/ and val/ or test/)")
+    p.add_argument("--stem", default="auto", help="ResNet stem: auto (CIFAR stem at 64 px and below), cifar, imagenet")
+    p.add_argument("--img-size", type=int, default=None, help="training crop size; default: the dataset's native size")
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch size; default 16, 8 below 160 px, 4 at 64")
+    p.add_argument("--workers", type=int, default=8, help="data loading processes per training process")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
+    p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
+    p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
+    # method
+    p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs")
+    p.add_argument("--batch", type=int, default=4096, help="global batch size, summed over processes")
+    p.add_argument("--optimizer", default="lars", help="lars, sgd or adamw")
+    p.add_argument("--lr", type=float, default=0.2, help="base learning rate per 256 images")
+    p.add_argument("--wd", type=float, default=1.5e-6, help="weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup epochs")
+    p.add_argument("--aug", default="byol", help="augmentation recipe (common.RECIPES)")
+    p.add_argument("--ema", type=float, default=0.996, help="base target EMA momentum, raised to 1 by a cosine")
+    p.add_argument("--mlp", default="4096-256", help="projector and predictor widths (the last is the embedding)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Method
+
+
+def byol_loss(p1, p2, z1, z2):
+    """Mean over the batch of (2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1)); no gradient reaches the targets z."""
+    cos = lambda p, z: F.cosine_similarity(p.float(), z.detach().float(), dim=1)  # noqa: E731
+    return (2 - 2 * cos(p1, z2) + 2 - 2 * cos(p2, z1)).mean()
+
+
+def mlp(in_dim, widths):
+    """The official code's head: (Linear, BN, ReLU) per hidden width, then the output layer."""
+    layers = []
+    for width in widths[:-1]:
+        layers += [nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        in_dim = width
+    layers += [nn.Linear(in_dim, widths[-1], bias=False)]
+    return nn.Sequential(*layers)
+
+
+class BYOL(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = common.build_backbone(args)
+        dim = self.backbone.embed_dim
+        self.projector = mlp(dim, [int(w) for w in args.mlp.split("-")])
+        self.predictor = mlp(int(args.mlp.split("-")[-1]), [int(w) for w in args.mlp.split("-")])
+        self.target = nn.Sequential(common.build_backbone(args), mlp(dim, [int(w) for w in args.mlp.split("-")]))
+        self.target.requires_grad_(False)  # its own random init (the official code), then an EMA; BN buffers too
+
+    def forward(self, views):
+        p1, p2 = (self.predictor(self.projector(self.backbone(v))) for v in views)
+        with torch.no_grad():
+            z1, z2 = (self.target(v) for v in views)
+        loss = byol_loss(p1, p2, z1, z2)
+        return loss, {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    args = get_args(argv)
+    env = common.init(args, METHOD)
+    augment = common.make_views(args.aug, args.img_size)
+    loader = common.train_loader(args, env, augment)
+    net = BYOL(args).to(env.device)  # METHOD: the model
+    model = common.distribute(net, args, env)
+    optimizer = common.build_optimizer(args, env, net)
+    amp, scaler = common.autocast(args, env)
+    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    flops = common.count_step_flops(net, augment.sizes, args, env)
+    log = common.TrainLog(args, env, flops, steps_per_epoch)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        for views, _ in log.epoch(loader, epoch):
+            lr = common.cosine_schedule(step, total_steps, warmup_steps, env.lr)
+            common.set_lr(optimizer, lr)
+            views = common.to_device(views, args, env)
+            with amp():
+                loss, scalars = model(views)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            tau = 1 - common.cosine_schedule(step, total_steps, 0, 1 - args.ema)  # METHOD: EMA momentum 0.996 -> 1
+            common.ema_update(net.target, [net.backbone, net.projector], tau)  # METHOD:
+            step += 1
+            log.step(epoch, step, lr, loss, scalars)
+        knn = common.knn_monitor(net.backbone, args, env, epoch)
+        log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
+        common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler)
+
+
+if __name__ == "__main__":
+    common.run(main)

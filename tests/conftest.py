@@ -1,0 +1,78 @@
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+# A tiny, fast configuration for end-to-end runs on CPU: ResNet-18 with the ImageNet stem at 32 px.
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--arch",
+    "resnet18",
+    "--stem",
+    "imagenet",
+    "--img-size",
+    "32",
+    "--batch",
+    "32",
+    "--subset",
+    "128",
+    "--workers",
+    "0",
+    "--optimizer",
+    "adamw",
+    "--lr",
+    "1e-3",
+    "--warmup-epochs",
+    "1",
+    "--log-every",
+    "2",
+    "--knn-every",
+    "1",
+]
+
+
+def run_script(*argv, timeout=600, check=True, torchrun=0):
+    """Run a project script in a subprocess from the repository root; returns the CompletedProcess."""
+    prefix = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", "0"]
+        if torchrun
+        else [sys.executable]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else "2", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        prefix + [str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _entry(rank, fn, world, folder, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world, *args), f"{folder}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world, *args):
+    """Run fn(rank, world, *args) in `world` gloo processes; returns the list of their return values."""
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_entry, args=(fn, world, folder, args), nprocs=world)
+        return [torch.load(f"{folder}/{r}.pt") for r in range(world)]
+
+
+@pytest.fixture
+def tiny():
+    return list(TINY)

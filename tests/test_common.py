@@ -1,0 +1,185 @@
+"""common.py against independent references: LARS by hand, schedules by formula, gather across processes."""
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from conftest import spawn
+
+import common
+
+
+def test_lars_two_steps_match_hand_computation():
+    torch.manual_seed(0)
+    w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    grads = [(torch.randn(3, 4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)) for _ in range(2)]
+    lr, wd, eta, m = 0.5, 0.1, 0.001, 0.9
+    pw, pb = nn.Parameter(w.clone()), nn.Parameter(b.clone())
+    opt = common.LARS([pw, pb], lr=lr, weight_decay=wd, momentum=m, eta=eta)
+    # by hand, in numpy: decay then trust ratio for the matrix; the 1-D bias gets neither
+    W, B = w.numpy().copy(), b.numpy().copy()
+    mu_w, mu_b = np.zeros_like(W), np.zeros_like(B)
+    for gw, gb in grads:
+        pw.grad, pb.grad = gw.clone(), gb.clone()
+        opt.step()
+        d = gw.numpy() + wd * W
+        d = d * (eta * np.linalg.norm(W) / np.linalg.norm(d))
+        mu_w, mu_b = m * mu_w + d, m * mu_b + gb.numpy()
+        W, B = W - lr * mu_w, B - lr * mu_b
+    np.testing.assert_allclose(pw.detach().numpy(), W, rtol=1e-12)
+    np.testing.assert_allclose(pb.detach().numpy(), B, rtol=1e-12)
+
+
+def test_lars_zero_weight_uses_unit_trust_ratio():
+    p = nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+    p.grad = torch.ones(2, 2, dtype=torch.float64)
+    common.LARS([p], lr=0.1, weight_decay=0.0).step()
+    assert torch.allclose(p.detach(), torch.full((2, 2), -0.1, dtype=torch.float64))
+
+
+def test_cosine_schedule_values():
+    f = lambda s: common.cosine_schedule(s, total_steps=110, warmup_steps=10, peak=2.0, final=0.2)  # noqa: E731
+    assert f(0) == 0.0
+    assert f(5) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(2.0)
+    assert f(60) == pytest.approx(1.1)  # half-way through the cosine: the mean of peak and final
+    assert f(35) == pytest.approx(0.2 + 0.9 * (1 + math.cos(math.pi / 4)))
+    assert f(110) == pytest.approx(0.2)
+
+
+def _gather_nt_xent(rank, world, z1, z2, temperature):
+    import simclr
+
+    n = z1.shape[0] // world
+    a = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
+    b = z2[rank * n : (rank + 1) * n].clone().requires_grad_()
+    loss = simclr.nt_xent(a, b, temperature)
+    loss.backward()
+    gathered = common.gather(a.detach())
+    return loss.detach(), a.grad, b.grad, gathered
+
+
+def test_gather_two_processes_match_full_batch():
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
+    import simclr
+
+    f1, f2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    full = simclr.nt_xent(f1, f2, 0.3)
+    full.backward()
+    results = spawn(_gather_nt_xent, 2, z1, z2, 0.3)
+    assert torch.allclose(torch.stack([r[0] for r in results]).mean(), full.detach().float(), atol=1e-6)
+    for rank, (_, g1, g2, gathered) in enumerate(results):
+        part = slice(rank * 4, (rank + 1) * 4)
+        # each rank's mean over its own anchors, with DDP's averaging, equals the full-batch mean:
+        # so its gradient is world_size x the full-batch gradient, including the part sent from the other rank
+        assert torch.allclose(g1, 2 * f1.grad[part], atol=1e-6)
+        assert torch.allclose(g2, 2 * f2.grad[part], atol=1e-6)
+        assert torch.equal(gathered, z1)
+
+
+def test_gather_is_identity_without_process_group():
+    x = torch.randn(3, 2)
+    assert common.gather(x) is x
+
+
+def make_args(**kw):
+    base = dict(arch="resnet18", img_size=32, stem="auto", patch_size=4)
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "cifar"])
+def test_resnet_state_dict_loads_into_torchvision(stem):
+    net = common.build_backbone(make_args(stem=stem))
+    tv = torchvision.models.resnet18()
+    if stem == "cifar":  # the CIFAR stem: 3x3 stride-1 first conv, no max-pool
+        tv.conv1, tv.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    result = tv.load_state_dict(net.state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    x = torch.randn(2, 3, 32, 32)
+    tv.fc = nn.Identity()
+    net.eval(), tv.eval()
+    assert torch.allclose(net(x), tv(x))
+
+
+def test_vit_uses_timm_names_and_interpolates_position_embeddings():
+    vit = common.build_backbone(make_args(arch="vit_tiny", img_size=32, patch_size=4))
+    names = set(vit.state_dict())
+    for key in [
+        "patch_embed.proj.weight",
+        "cls_token",
+        "pos_embed",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.proj.bias",
+        "blocks.11.norm2.weight",
+        "blocks.11.mlp.fc1.weight",
+        "blocks.11.mlp.fc2.bias",
+        "norm.weight",
+    ]:
+        assert key in names
+    assert vit.pos_embed.shape == (1, 1 + 64, 192)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(vit.patch_pos_embed(8, 8), vit.pos_embed[:, 1:])
+    assert vit.embed(x).shape == (2, 64, 192) and vit(x).shape == (2, 192)
+    small = vit.embed(torch.randn(2, 3, 16, 16))  # a local crop: 4x4 patches, position embeddings resized
+    assert small.shape == (2, 16, 192)
+    assert vit.encode(vit.embed(x)[:, :10]).shape == (2, 11, 192)  # any subset of tokens (MAE's visible patches)
+
+
+def test_synthetic_is_deterministic_and_uint8():
+    a, b = common.SyntheticShapes(20, 32, seed=3), common.SyntheticShapes(20, 32, seed=3)
+    img, label = a[7]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and label == 7
+    assert torch.equal(img, b[7][0]) and not torch.equal(img, common.SyntheticShapes(20, 32, seed=4)[7][0])
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index():
+    views = common.make_views("simclr", 32)
+    ds = common.Augmented(common.SyntheticShapes(10, 32, seed=0), views, seed=1)
+    torch.manual_seed(123)
+    a = ds[(2, 5)][0]
+    torch.manual_seed(456)  # the global RNG must not matter, nor be changed
+    state = torch.get_rng_state()
+    b = ds[(2, 5)][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], a[1]) and not torch.equal(a[0], ds[(3, 5)][0][0])
+    assert a[0].dtype == torch.float32 and a[0].shape == (3, 32, 32)
+
+
+def test_blur_kernel_is_about_a_tenth_of_the_side():
+    assert common.blur_kernel(224) == 23 and common.blur_kernel(96) == 9 and common.blur_kernel(32) == 3
+
+
+def test_knn_predict_weighted_vote_by_hand():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 1])
+    test = torch.tensor([[0.1, 1.0]])
+    # k=3: class 1 gets exp(cos/T) of its one neighbour, which outweighs two far class-0 votes at T=0.07
+    assert common.knn_predict(train, labels, test, k=3).tolist() == [1]
+    assert common.knn_predict(train, labels, torch.tensor([[1.0, 0.05]]), k=2).tolist() == [0]
+
+
+def test_flop_count_of_a_linear_layer_and_state_restored():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.bn, self.fc2 = nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+        def forward(self, views):
+            return self.fc2(self.bn(self.fc1(views[0]))).square().mean(), {}
+
+    net = Tiny()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    flops = common.flop_count(net, [torch.randn(16, 8)])
+    # matmuls of 2*n*in*out FLOPs: forward fc1, fc2; backward fc2 weight and input grads, fc1 weight grad only
+    # (the images need no gradient)
+    fc1, fc2 = 2 * 16 * 8 * 4, 2 * 16 * 4 * 2
+    assert flops == fc1 + fc2 + 2 * fc2 + fc1
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters())

@@ -1,0 +1,147 @@
+"""VICReg: Variance-Invariance-Covariance Regularization for Self-Supervised Learning.
+Adrien Bardes, Jean Ponce, Yann LeCun. ICLR 2022. https://arxiv.org/abs/2105.04906
+
+Two views pass through one encoder and a wide expander. The loss keeps the embeddings of the two views close,
+every dimension's std over the batch above 1, and the dimensions decorrelated. No negatives, no target.
+
+Usage:
+    python vicreg.py --dataset synthetic --arch resnet18 --stem imagenet --batch 64 --epochs 6     # CPU demo
+    torchrun --nproc_per_node=8 vicreg.py --dataset imagenet --data /data/imagenet --batch 2048
+    python vicreg.py --dataset cifar10 --arch resnet18 --batch 256 --epochs 1000 --lr 0.3 --wd 1e-4 \\
+        --mlp 2048-2048-2048 --aug vicreg-symmetric    # solo-learn's CIFAR-10 recipe, 92.1 (RECIPES.md 7.1)
+    python eval_linear.py --ckpt runs/vicreg/backbone.pt
+
+Defaults: the paper's ImageNet recipe: ResNet-50, expander 8192-8192-8192, LARS lr 0.2 x B/256, wd 1e-6,
+batch 2048, 1000 epochs (100-epoch ablations: lr 0.3), 10 warmup, cosine to peak/1000, coefficients 25/25/1,
+BYOL's asymmetric augmentations as the official code (the paper's symmetric set: --aug vicreg-symmetric).
+ImageNet linear top-1 of a ResNet-50: 73.2 after 1000 epochs (Table 1), 68.6 after 100 (Table 4).
+"""
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+METHOD = "vicreg"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    # run
+    p.add_argument("--dataset", default="synthetic", help="cifar10, cifar100, stl10, imagenet, folder or synthetic")
+    p.add_argument("--data", default=None, help="data root (folder/imagenet: holds train/ and val/ or test/)")
+    p.add_argument("--stem", default="auto", help="ResNet stem: auto (CIFAR stem at 64 px and below), cifar, imagenet")
+    p.add_argument("--img-size", type=int, default=None, help="training crop size; default: the dataset's native size")
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch size; default 16, 8 below 160 px, 4 at 64")
+    p.add_argument("--workers", type=int, default=8, help="data loading processes per training process")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
+    p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
+    p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
+    # method
+    p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
+    p.add_argument("--epochs", type=int, default=1000, help="training epochs")
+    p.add_argument("--batch", type=int, default=2048, help="global batch size, summed over processes")
+    p.add_argument("--optimizer", default="lars", help="lars, sgd or adamw")
+    p.add_argument("--lr", type=float, default=0.2, help="base learning rate per 256 images")
+    p.add_argument("--wd", type=float, default=1e-6, help="weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup epochs")
+    p.add_argument("--aug", default="byol", help="augmentation recipe (common.RECIPES); the paper's: vicreg-symmetric")
+    p.add_argument("--mlp", default="8192-8192-8192", help="expander widths (the last is the embedding)")
+    p.add_argument("--sim-coeff", type=float, default=25.0, help="invariance coefficient (lambda)")
+    p.add_argument("--std-coeff", type=float, default=25.0, help="variance coefficient (mu)")
+    p.add_argument("--cov-coeff", type=float, default=1.0, help="covariance coefficient (nu)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Method
+
+
+def vicreg_terms(z1, z2):
+    """(invariance, variance, covariance), normalised as the official code: invariance = F.mse_loss (also / d)
+    on this process's batch; variance (halved per branch) and covariance on the gathered, centred batch."""
+    invariance = F.mse_loss(z1.float(), z2.float())
+    x, y = (common.gather(z.float()) for z in (z1, z2))
+    (n, d), x, y = x.shape, x - x.mean(0), y - y.mean(0)
+    hinge = lambda t: F.relu(1 - (t.var(0) + 1e-4).sqrt()).mean() / 2  # noqa: E731
+    off_diagonal = lambda c: c.square().sum() - torch.diagonal(c).square().sum()  # noqa: E731
+    covariance = off_diagonal(x.T @ x / (n - 1)) / d + off_diagonal(y.T @ y / (n - 1)) / d
+    return invariance, hinge(x) + hinge(y), covariance
+
+
+def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
+    invariance, variance, covariance = vicreg_terms(z1, z2)
+    return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+
+
+def mlp(in_dim, widths):
+    """The official code's head: (Linear, BN, ReLU) per hidden width, then the output layer."""
+    layers = []
+    for width in widths[:-1]:
+        layers += [nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        in_dim = width
+    layers += [nn.Linear(in_dim, widths[-1], bias=False)]
+    return nn.Sequential(*layers)
+
+
+class VICReg(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = common.build_backbone(args)
+        dim = self.backbone.embed_dim
+        self.projector = mlp(dim, [int(w) for w in args.mlp.split("-")])
+        self.args = args
+
+    def forward(self, views):
+        z1, z2 = (self.projector(self.backbone(v)) for v in views)
+        terms = vicreg_terms(z1, z2)
+        loss = self.args.sim_coeff * terms[0] + self.args.std_coeff * terms[1] + self.args.cov_coeff * terms[2]
+        return loss, dict(zip(("invariance", "variance", "covariance"), terms))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    args = get_args(argv)
+    env = common.init(args, METHOD)
+    augment = common.make_views(args.aug, args.img_size)
+    loader = common.train_loader(args, env, augment)
+    net = VICReg(args).to(env.device)  # METHOD: the model
+    model = common.distribute(net, args, env)
+    optimizer = common.build_optimizer(args, env, net)
+    amp, scaler = common.autocast(args, env)
+    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    flops = common.count_step_flops(net, augment.sizes, args, env)
+    log = common.TrainLog(args, env, flops, steps_per_epoch)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        for views, _ in log.epoch(loader, epoch):
+            lr = common.cosine_schedule(step, total_steps, warmup_steps, env.lr, env.lr / 1000)  # METHOD:
+            common.set_lr(optimizer, lr)
+            views = common.to_device(views, args, env)
+            with amp():
+                loss, scalars = model(views)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            log.step(epoch, step, lr, loss, scalars)
+        knn = common.knn_monitor(net.backbone, args, env, epoch)
+        log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
+        common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler)
+
+
+if __name__ == "__main__":
+    common.run(main)
