@@ -79,15 +79,21 @@ def gather(x):
     return _Gather.apply(x) if world_size() > 1 else x
 
 
-def init(args, method):
-    """Validate the shared flags, set up processes, device, seeds and the output folder."""
-    for name, choices in [("dataset", NATIVE_SIZE), ("arch", ARCHS), ("amp", ("auto", "bf16", "fp16", "off"))]:
+def check_args(args):
+    """Refuse unknown --dataset/--arch/--amp/--stem; fill --img-size and --patch-size defaults."""
+    for name, choices in [("dataset", NATIVE_SIZE), ("arch", ARCHS), ("amp", ("auto", "bf16", "fp16", "off")),
+                          ("stem", ("auto", "cifar", "imagenet"))]:  # fmt: skip
         if getattr(args, name) not in choices:
             raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(choices)}")
     args.img_size = args.img_size or NATIVE_SIZE[args.dataset]
     args.patch_size = args.patch_size or (16 if args.img_size >= 160 else 8 if args.img_size > 64 else 4)
     if args.arch.startswith("vit") and args.img_size % args.patch_size:
         raise UserError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+
+
+def init(args, method):
+    """Validate the shared flags, set up processes, device, seeds and the output folder."""
+    check_args(args)
     cuda = torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if cuda:
@@ -104,9 +110,10 @@ def init(args, method):
     if main:
         try:
             os.makedirs(args.out, exist_ok=True)
-            write_json(os.path.join(args.out, "args.json"), {"method": method, **vars(args)})
         except OSError as e:
-            raise UserError(f"cannot write to --out {args.out!r} ({e.strerror}); choose a writable folder")
+            raise UserError(f"cannot create --out {args.out!r} ({e.strerror}); choose a writable folder")
+        if not os.access(args.out, os.W_OK):
+            raise UserError(f"--out {args.out!r} is not writable; choose a writable folder")
     lr = args.lr * args.batch / 256
     if main:
         print(
@@ -143,10 +150,11 @@ def to_device(views, args, env):
 # Data
 
 
-class SyntheticShapes(Dataset):
-    """Ten classes of shapes (disk, square, triangle, ring, cross, diamond, two dots, half disk, frame, X) with
-    random colours, position, scale, tilt and noise. Image i is a pure function of (seed, i): no files needed.
-    Colour carries no label information, so a random network is weak at it and invariance has to be learnt."""
+class SyntheticTextures(Dataset):
+    """Ten classes of textures that fill the image: horizontal and vertical stripes, checkerboard, rings, dots,
+    grid, diagonal hatching, spokes, wavy stripes, blobs. Colours, period, phase, centre and noise are random, and
+    every class looks like itself after a flip or a crop, so the label survives augmentation while colour (which
+    dominates a random network's features) carries none. Image i is a pure function of (seed, i): no files."""
 
     def __init__(self, n, size, seed):
         self.n, self.size, self.seed = n, size, seed
@@ -156,29 +164,31 @@ class SyntheticShapes(Dataset):
 
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        label = i % 10
+        label, s = i % 10, self.size
         bg, fg = torch.rand(3, generator=g), torch.rand(3, generator=g)
-        fg = torch.where((fg - bg).abs() < 0.25, (bg + 0.5) % 1.0, fg)  # keep the shape visible
-        cx, cy, radius, tilt = (
-            torch.rand(4, generator=g) * torch.tensor([0.4, 0.4, 0.2, 0.6]) + torch.tensor([0.3, 0.3, 0.18, -0.3])
-        ).tolist()
-        yy, xx = torch.meshgrid(torch.linspace(0, 1, self.size), torch.linspace(0, 1, self.size), indexing="ij")
-        dx, dy = (xx - cx) / radius, (yy - cy) / radius
-        u, v = dx * math.cos(tilt) + dy * math.sin(tilt), -dx * math.sin(tilt) + dy * math.cos(tilt)
-        r, box = (u * u + v * v).sqrt(), torch.maximum(u.abs(), v.abs())
+        fg = torch.where((fg - bg).abs() < 0.25, (bg + 0.5) % 1.0, fg)  # keep the texture visible
+        period, phase, cx, cy = (torch.rand(4, generator=g) * torch.tensor([5.0, 6.28, s, s])).tolist()
+        yy, xx = torch.meshgrid(
+            torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32), indexing="ij"
+        )
+        w = 2 * math.pi / ((4 + period) * s / 32)  # a period of 4 to 9 pixels at 32 px
+        u, v, r = xx * w + phase, yy * w + phase, ((xx - cx) ** 2 + (yy - cy) ** 2).sqrt() * w + phase
+        if label == 9:  # blobs: smooth noise, thresholded
+            low = torch.rand(1, 1, 5, 5, generator=g)
+            blobs = F.interpolate(low, size=(s, s), mode="bicubic", align_corners=False)[0, 0]
         mask = [
-            r < 1,
-            box < 0.8,
-            (v > -0.6) & (u.abs() < (0.9 - v) * 0.6),
-            (r > 0.55) & (r < 1),
-            ((u.abs() < 0.3) & (v.abs() < 1)) | ((v.abs() < 0.3) & (u.abs() < 1)),
-            u.abs() + v.abs() < 1,
-            ((u - 0.5) ** 2 + v**2 < 0.16) | ((u + 0.5) ** 2 + v**2 < 0.16),
-            (r < 1) & (v > 0),
-            (box < 0.9) & (box > 0.55),
-            (((u - v).abs() < 0.35) | ((u + v).abs() < 0.35)) & (r < 1),
-        ][label].float()
-        noise = 0.06 * torch.randn(3, self.size, self.size, generator=g)
+            lambda: torch.sin(v) > 0,
+            lambda: torch.sin(u) > 0,
+            lambda: torch.sin(u) * torch.sin(v) > 0,
+            lambda: torch.sin(r) > 0,
+            lambda: torch.cos(u) + torch.cos(v) > 1.0,
+            lambda: (torch.cos(u) > 0.8) | (torch.cos(v) > 0.8),
+            lambda: (torch.cos((u + v) / 1.4) > 0.8) | (torch.cos((u - v) / 1.4) > 0.8),
+            lambda: torch.sin(6 * torch.atan2(yy - cy, xx - cx) + phase) > 0,
+            lambda: torch.sin(v + 1.5 * torch.sin(u)) > 0,
+            lambda: blobs > 0.5,
+        ][label]().float()
+        noise = 0.06 * torch.randn(3, s, s, generator=g)
         img = bg[:, None, None] + mask * (fg - bg)[:, None, None] + noise
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
 
@@ -240,7 +250,7 @@ def build_dataset(args, split):
     name, root = args.dataset, args.data
     if name == "synthetic":
         test = split == "test"  # the test images come from another seed
-        ds = SyntheticShapes(1000 if test else 4000, args.img_size, args.seed + (7919 if test else 0))
+        ds = SyntheticTextures(1000 if test else 4000, args.img_size, args.seed + (7919 if test else 0))
     elif name in ("imagenet", "folder"):
         if not root or not os.path.isdir(root):
             raise UserError(f"--data {root!r} is not a folder; give the root holding train/ (and val/ or test/)")
@@ -332,7 +342,8 @@ def train_loader(args, env, views):
     if len(sampler) == 0:
         raise UserError(f"{len(dataset)} training images do not make one batch of {args.batch}; lower --batch")
     workers = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=env.device.type == "cuda")
-    return DataLoader(dataset, env.local_batch, sampler=sampler, drop_last=True, **workers)
+    own = torch.Generator().manual_seed(args.seed)  # worker seeds must not draw from the global RNG
+    return DataLoader(dataset, env.local_batch, sampler=sampler, drop_last=True, generator=own, **workers)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,26 +391,54 @@ def simclr_views(size, strength=1.0, blur_p=0.5):
     return Views([ssl_view(size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=blur_p)] * 2, [size] * 2)
 
 
-def byol_views(size, blur=(1.0, 0.1), solarize=(0.0, 0.2)):
-    return Views([ssl_view(size, blur_p=b, solarize_p=s) for b, s in zip(blur, solarize)], [size] * 2)
+def byol_views(size, blur=(1.0, 0.1), solarize=(0.0, 0.2), scale=(0.08, 1.0)):
+    views = [ssl_view(size, scale, blur_p=b, solarize_p=s) for b, s in zip(blur, solarize)]
+    return Views(views, [size] * 2)
+
+
+def multi_crop(size, local_crops, patch, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
+    """DINO: BYOL's two global views, then `local_crops` small crops (blur p 0.5) of 96/224 of the side, rounded
+    to a multiple of the ViT patch."""
+    local_size = max(patch, round(size * 96 / 224 / patch) * patch)
+    views = byol_views(size, scale=global_scale)
+    local = ssl_view(local_size, local_scale, blur_p=0.5)
+    return Views(views.transforms + [local] * local_crops, views.sizes + [local_size] * local_crops)
 
 
 RECIPES = {
     # SimCLR, ImageNet (paper App. A): colour strength 1, blur p 0.5 on both views.
-    "simclr": lambda size: simclr_views(size),
+    "simclr": lambda size, **_: simclr_views(size),
     # SimCLR, CIFAR (paper App. B.9): colour strength 0.5, no blur.
-    "simclr-cifar": lambda size: simclr_views(size, strength=0.5, blur_p=0.0),
+    "simclr-cifar": lambda size, **_: simclr_views(size, strength=0.5, blur_p=0.0),
     # BYOL (paper Table 6), also the official VICReg and Barlow Twins code: asymmetric blur and solarize.
-    "byol": lambda size: byol_views(size),
+    "byol": lambda size, **_: byol_views(size),
     # VICReg as its paper describes it: BYOL's pipeline made symmetric.
-    "vicreg-symmetric": lambda size: byol_views(size, blur=(0.5, 0.5), solarize=(0.1, 0.1)),
+    "vicreg-symmetric": lambda size, **_: byol_views(size, blur=(0.5, 0.5), solarize=(0.1, 0.1)),
+    # MAE: one random resized crop of scale 0.2-1 and a flip, no colour (paper App. A.1).
+    "mae": lambda size, **_: Views([ssl_view(size, (0.2, 1.0), jitter_p=0.0, gray_p=0.0)], [size]),
+    # DINO's multi-crop (ViT): global crops of scale 0.4-1, local crops of 0.05-0.4.
+    "dino": lambda size, local_crops=0, patch=1, **_: multi_crop(size, local_crops, patch),
+    # DINO's ResNet-50 command: wider global and narrower local crops.
+    "dino-resnet": lambda size, local_crops=0, patch=1, **_: multi_crop(
+        size, local_crops, patch, (0.14, 1), (0.05, 0.14)
+    ),
 }
 
 
-def make_views(name, size):
+def make_views(name, size, **crops):
+    """The named recipe at `size`; multi-crop recipes also take local_crops and patch (local sides are multiples)."""
     if name not in RECIPES:
         raise UserError(f"unknown augmentation recipe {name!r}; choose from {', '.join(RECIPES)}")
-    return RECIPES[name](size)
+    return RECIPES[name](size, **crops)
+
+
+def save_image_grid(rows, path):
+    """Write normalised (N, 3, H, W) image batches as the rows of a PNG grid, atomically."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    images = torch.cat([row.detach().float().cpu() * std + mean for row in rows]).clamp(0, 1)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    torchvision.utils.save_image(images, tmp, nrow=len(rows[0]), padding=1)
+    os.replace(tmp, path)
 
 
 def eval_transform(size):
@@ -496,6 +535,15 @@ class VisionTransformer(nn.Module):
 
 
 # output width of a ResNet; (width, depth, heads) of a ViT
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sine-cosine position embeddings (1, 1 + grid**2, dim) as MAE's code: the first half of the
+    channels encodes the column, the second the row; the [CLS] row is zero."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    table = torch.cat([f(t.reshape(-1, 1) * omega) for t in (cols, rows) for f in (torch.sin, torch.cos)], 1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()[None]
+
+
 ARCHS = {"resnet18": 512, "resnet50": 2048, "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6)}
 ARCHS["vit_base"] = (768, 12, 12)
 
@@ -632,40 +680,50 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def save_checkpoint(args, env, epoch, step, net, optimizer, scaler):
-    if not env.main:
-        return
+def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone):
+    """checkpoint.pt (everything to resume, with every process's RNG state) and `backbone` as backbone.pt, both
+    written atomically."""
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if env.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(env.device)
-    state = dict(method=env.method, arch=args.arch, img_size=args.img_size, epoch=epoch, step=step, rng=rng)
+    rngs = [rng] * env.world
+    if env.world > 1:
+        dist.all_gather_object(rngs, rng)
+    if not env.main:
+        return
+    state = dict(method=env.method, arch=args.arch, img_size=args.img_size, epoch=epoch, step=step, rng=rngs)
     state.update(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
-    atomic_save(net.backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
+    atomic_save(backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
 
 
 def resume(args, env, net, optimizer, scaler):
-    """Load checkpoint.pt from --out if there is one; returns (first epoch to train, global step)."""
-    path = os.path.join(args.out, "checkpoint.pt")
-    if not os.path.exists(path):
+    """Load checkpoint.pt from --out if there is one, refusing another method's or arch's; then write args.json.
+    Returns (first epoch to train, global step)."""
+    path, state = os.path.join(args.out, "checkpoint.pt"), None
+    if os.path.exists(path):
+        try:
+            state = torch.load(path, map_location=env.device, weights_only=False)
+        except Exception as e:
+            raise UserError(f"{path} is not a readable checkpoint ({e}); move it away to start afresh") from None
+        for key, want in [("method", env.method), ("arch", args.arch), ("img_size", args.img_size)]:
+            if state.get(key) != want:
+                found = f"{key} {state.get(key)!r} run, not {want!r}"
+                raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
+    if env.main:
+        write_json(os.path.join(args.out, "args.json"), {"method": env.method, **vars(args)})
+    if state is None:
         return 0, 0
-    try:
-        state = torch.load(path, map_location=env.device, weights_only=False)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({e}); move it away to start afresh") from None
-    for key, want in [("method", env.method), ("arch", args.arch), ("img_size", args.img_size)]:
-        if state.get(key) != want:
-            found = f"{key} {state.get(key)!r} run, not {want!r}"
-            raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    if rank() == 0:  # other ranks keep their own seeds: per-rank randomness (drop path, masks) must differ
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and env.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], env.device)
+    rng = state["rng"][rank()] if len(state["rng"]) == env.world else None  # another world size: fresh seeds
+    if rng is not None:
+        torch.set_rng_state(rng["torch"].cpu())
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and env.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"].cpu(), env.device)
     if env.main:
         print(f"resumed from {path} at epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["step"]
@@ -722,7 +780,8 @@ def extract_features(backbone, dataset, args, env, batch=256):
     per_rank = -(-n // world)
     ids = [i % n for i in range(rank() * per_rank, (rank() + 1) * per_rank)]
     shard = torch.utils.data.Subset(dataset, ids)
-    loader = DataLoader(shard, batch, num_workers=args.workers, pin_memory=env.device.type == "cuda")
+    own = torch.Generator()  # evaluation leaves the training RNG untouched
+    loader = DataLoader(shard, batch, num_workers=args.workers, pin_memory=env.device.type == "cuda", generator=own)
     amp, _ = autocast(args, env)
     was_training = backbone.training
     backbone.eval()

@@ -32,7 +32,7 @@ from torchvision.transforms import v2
 
 import common
 
-LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 
 
 def get_args(argv=None):
@@ -82,25 +82,14 @@ def resolve(args):
         if os.path.isfile(path):
             with open(path) as f:
                 run = json.load(f)
-    defaults = {
-        "dataset": "synthetic",
-        "data": None,
-        "arch": "resnet18",
-        "img_size": None,
-        "patch_size": None,
-        "stem": "auto",
-    }
+    defaults = dict(dataset="synthetic", data=None, arch="resnet18", img_size=None, patch_size=None, stem="auto")
     for key, default in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, run.get(key, default))
     args.method = run.get("method")
     if args.bn_head == "auto":
         args.bn_head = "on" if args.method == "mae" else "off"
-    for name, choices in [("dataset", common.NATIVE_SIZE), ("arch", common.ARCHS)]:
-        if getattr(args, name) not in choices:
-            raise common.UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(choices)}")
-    args.img_size = args.img_size or common.NATIVE_SIZE[args.dataset]
-    args.patch_size = args.patch_size or (16 if args.img_size >= 160 else 8 if args.img_size > 64 else 4)
+    common.check_args(args)
 
 
 def load_backbone(args):
@@ -114,13 +103,14 @@ def load_backbone(args):
         raise common.UserError(f"{args.ckpt} is not a checkpoint torch can read ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict):
         raise common.UserError(f"{args.ckpt} is not a state_dict; give the backbone.pt a run wrote")
-    result = backbone.load_state_dict(state, strict=False)
-    bad = [k for k, v in state.items() if k in backbone.state_dict() and backbone.state_dict()[k].shape != v.shape]
-    if result.missing_keys or result.unexpected_keys or bad:
-        raise common.UserError(
-            f"{args.ckpt} does not fit --arch {args.arch} at {args.img_size} px ({len(result.missing_keys)} missing, "
-            f"{len(result.unexpected_keys)} unexpected, {len(bad)} mis-shaped tensors); pass the run's --arch/--img-size/--stem"
-        )
+    expected = backbone.state_dict()
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    misshaped = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    if missing or unexpected or misshaped:
+        counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors"
+        fix = "pass the run's --arch, --img-size, --patch-size and --stem"
+        raise common.UserError(f"{args.ckpt} does not fit --arch {args.arch} at {args.img_size} px ({counts}); {fix}")
+    backbone.load_state_dict(state)
     return backbone
 
 

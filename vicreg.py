@@ -116,6 +116,7 @@ def main(argv=None):
     augment = common.make_views(args.aug, args.img_size)
     loader = common.train_loader(args, env, augment)
     net = VICReg(args).to(env.device)  # METHOD: the model
+    backbone = net.backbone  # what the run is for: backbone.pt and the k-NN monitor
     model = common.distribute(net, args, env)
     optimizer = common.build_optimizer(args, env, net)
     amp, scaler = common.autocast(args, env)
@@ -138,9 +139,9 @@ def main(argv=None):
             scaler.update()
             step += 1
             log.step(epoch, step, lr, loss, scalars)
-        knn = common.knn_monitor(net.backbone, args, env, epoch)
+        knn = common.knn_monitor(backbone, args, env, epoch)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
-        common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler)
+        common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
 
 
 if __name__ == "__main__":

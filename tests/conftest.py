@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,16 +43,19 @@ TINY = [
 
 
 def run_script(*argv, timeout=600, check=True, torchrun=0):
-    """Run a project script in a subprocess from the repository root; returns the CompletedProcess."""
-    prefix = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun), "--master_port", "0"]
-        if torchrun
-        else [sys.executable]
-    )
+    """Run a project script in a subprocess from the repository root; returns the CompletedProcess. On a timeout
+    the whole process group (torchrun and its workers) is killed."""
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
+    cmd = (prefix if torchrun else [sys.executable]) + [str(a) for a in argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else "2", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        prefix + [str(a) for a in argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
-    )
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True) as child:  # fmt: skip
+        try:
+            out, err = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            raise AssertionError(f"{argv} did not finish in {timeout} s") from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

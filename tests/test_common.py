@@ -132,15 +132,15 @@ def test_vit_uses_timm_names_and_interpolates_position_embeddings():
 
 
 def test_synthetic_is_deterministic_and_uint8():
-    a, b = common.SyntheticShapes(20, 32, seed=3), common.SyntheticShapes(20, 32, seed=3)
+    a, b = common.SyntheticTextures(20, 32, seed=3), common.SyntheticTextures(20, 32, seed=3)
     img, label = a[7]
     assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and label == 7
-    assert torch.equal(img, b[7][0]) and not torch.equal(img, common.SyntheticShapes(20, 32, seed=4)[7][0])
+    assert torch.equal(img, b[7][0]) and not torch.equal(img, common.SyntheticTextures(20, 32, seed=4)[7][0])
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index():
     views = common.make_views("simclr", 32)
-    ds = common.Augmented(common.SyntheticShapes(10, 32, seed=0), views, seed=1)
+    ds = common.Augmented(common.SyntheticTextures(10, 32, seed=0), views, seed=1)
     torch.manual_seed(123)
     a = ds[(2, 5)][0]
     torch.manual_seed(456)  # the global RNG must not matter, nor be changed

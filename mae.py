@@ -1,0 +1,197 @@
+"""MAE: Masked Autoencoders Are Scalable Vision Learners.
+Kaiming He, Xinlei Chen, Saining Xie, Yanghao Li, Piotr Dollar, Ross Girshick. CVPR 2022. arxiv.org/abs/2111.06377
+
+A ViT encoder sees a random 25% of the patches; a light decoder gets them plus mask tokens at every position
+and predicts the pixels of the removed patches (MSE on those only, targets normalised per patch).
+
+Usage:
+    python mae.py --dataset synthetic --arch vit_tiny --batch 64 --epochs 6 --decoder-dim 128 --decoder-depth 2
+    torchrun --nproc_per_node=8 mae.py --dataset imagenet --data /data/imagenet --batch 4096
+    python mae.py <the run's flags> --recon     # write recon.png (images, visible patches, reconstruction) and exit
+    python eval_linear.py --ckpt runs/mae/backbone.pt         # BatchNorm probe on [CLS], as MAE's linear probing
+
+Defaults: the paper's ViT-B/16 recipe: mask 0.75, fixed sine-cosine position embeddings, decoder 512 wide, 8
+blocks of 16 heads, normalised pixels (the released models; code default: off), AdamW (0.9, 0.95), lr 1.5e-4 x
+B/256 (code: 1e-3), wd 0.05, batch 4096, 800 epochs, 40 warmup, cosine; crop 0.2-1 and flip. CIFAR: vit_small,
+patch 4 (solo-learn). ImageNet ViT-B/16, 1600 epochs: fine-tuned 83.6 (Table 3), linear probe 68.0 (Table 12).
+"""
+
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+METHOD = "mae"
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
+    # run
+    p.add_argument("--dataset", default="synthetic", help="cifar10, cifar100, stl10, imagenet, folder or synthetic")
+    p.add_argument("--data", default=None, help="data root (folder/imagenet: holds train/ and val/ or test/)")
+    p.add_argument("--stem", default="auto", help="ResNet stem: auto (CIFAR stem at 64 px and below), cifar, imagenet")
+    p.add_argument("--img-size", type=int, default=None, help="training crop size; default: the dataset's native size")
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch size; default 16, 8 below 160 px, 4 at 64")
+    p.add_argument("--workers", type=int, default=8, help="data loading processes per training process")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
+    p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
+    p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
+    p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
+    # method
+    p.add_argument("--arch", default="vit_base", help="vit_tiny, vit_small or vit_base")
+    p.add_argument("--epochs", type=int, default=800, help="training epochs")
+    p.add_argument("--batch", type=int, default=4096, help="global batch size, summed over processes")
+    p.add_argument("--optimizer", default="adamw", help="lars, sgd or adamw")
+    p.add_argument("--lr", type=float, default=1.5e-4, help="base learning rate per 256 images")
+    p.add_argument("--wd", type=float, default=0.05, help="weight decay")
+    p.add_argument("--warmup-epochs", type=float, default=40, help="linear warmup epochs")
+    p.add_argument("--aug", default="mae", help="augmentation recipe (common.RECIPES)")
+    p.add_argument("--mask-ratio", type=float, default=0.75, help="fraction of patches removed")
+    p.add_argument("--decoder-dim", type=int, default=512, help="decoder width")
+    p.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks")
+    p.add_argument("--norm-pix", type=int, default=1, help="1: targets are patches normalised by their mean and std")
+    p.add_argument("--recon", action="store_true", help="write recon.png from the run in --out and exit")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Method
+
+
+def patchify(imgs, p):
+    """(N, 3, H, W) -> (N, L, p*p*3); within a patch the values run over rows, then columns, then channels."""
+    N, _, H, W = imgs.shape
+    x = imgs.reshape(N, 3, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)  # (N, h, w, p, p, 3)
+    return x.reshape(N, (H // p) * (W // p), p * p * 3)
+
+
+def unpatchify(x, p):
+    """(N, L, p*p*3) -> (N, 3, H, W) for a square grid of patches: the inverse of patchify."""
+    N, L, _ = x.shape
+    h = int(L**0.5)
+    return x.reshape(N, h, h, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(N, 3, h * p, h * p)
+
+
+def random_masking(x, mask_ratio):
+    """Keep a random int(L * (1 - mask_ratio)) tokens per sample (argsort of uniform noise). Returns the kept
+    tokens (N, keep, D), the mask (N, L), 1 where removed, in the original order, and ids_restore (N, L)."""
+    N, L, D = x.shape
+    keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.rand(N, L, device=x.device).argsort(dim=1)  # the smallest noise is kept
+    ids_restore = ids_shuffle.argsort(dim=1)
+    mask = (torch.arange(L, device=x.device) >= keep).float().expand(N, L)  # in shuffled order
+    return x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, D)), mask.gather(1, ids_restore), ids_restore
+
+
+def mae_loss(imgs, pred, mask, patch_size, norm_pix=True):
+    """MSE per patch (mean over its values), averaged over the removed patches only. With norm_pix each target
+    patch is (x - mean) / sqrt(var + 1e-6), with its own mean and unbiased variance."""
+    target = patchify(imgs.float(), patch_size)
+    if norm_pix:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    per_patch = F.mse_loss(pred.float(), target, reduction="none").mean(-1)  # (N, L)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+class MAE(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = common.build_backbone(args)
+        dim = self.backbone.embed_dim
+        if not args.arch.startswith("vit"):
+            raise common.UserError(f"MAE needs a ViT, not --arch {args.arch}; use vit_tiny, vit_small or vit_base")
+        self.backbone.pos_embed.data.copy_(common.sincos_pos_embed(dim, self.backbone.grid))
+        self.backbone.pos_embed.requires_grad_(False)
+        self.decoder_embed = nn.Linear(dim, args.decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, args.decoder_dim))
+        self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(args.decoder_dim, self.backbone.grid))
+        self.decoder_blocks = nn.Sequential(*[common.Block(args.decoder_dim, 16) for _ in range(args.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(args.decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(args.decoder_dim, args.patch_size**2 * 3)
+        for m in [m for m in self.modules() if isinstance(m, nn.Linear)] + [self.backbone.patch_embed.proj]:
+            nn.init.xavier_uniform_(m.weight.view(len(m.weight), -1)), nn.init.zeros_(m.bias)  # the official init
+        nn.init.normal_(self.backbone.cls_token, std=0.02), nn.init.normal_(self.mask_token, std=0.02)
+        self.args = args
+
+    def predict(self, imgs):
+        """Pixel predictions (N, L, p*p*3) for every patch, and the mask (N, L), 1 where removed."""
+        tokens, mask, ids_restore = random_masking(self.backbone.embed(imgs), self.args.mask_ratio)
+        x = self.decoder_embed(self.backbone.encode(tokens))  # (N, 1 + kept, Dd), [CLS] first
+        fill = self.mask_token.expand(len(x), ids_restore.shape[1] + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:], fill], 1).gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1], x_], 1) + self.decoder_pos_embed
+        return self.decoder_pred(self.decoder_norm(self.decoder_blocks(x)))[:, 1:], mask
+
+    def forward(self, views):
+        pred, mask = self.predict(views[0])
+        loss = mae_loss(views[0], pred, mask, self.args.patch_size, self.args.norm_pix)
+        return loss, {}
+
+
+@torch.no_grad()
+def save_reconstruction(net, dataset, args, env):
+    """recon.png: 8 fixed images, their visible patches, the reconstruction (norm-pix: with the true patch stats)."""
+    if not env.main:
+        return
+    imgs = torch.stack([common.eval_transform(args.img_size)(dataset[i][0]) for i in range(8)]).to(env.device)
+    with torch.random.fork_rng(devices=[imgs.device] if imgs.is_cuda else []):
+        torch.manual_seed(0)  # the same mask every time
+        pred, mask = net.predict(imgs)
+    p, target = net.args.patch_size, patchify(imgs.float(), net.args.patch_size)
+    if net.args.norm_pix:
+        pred = pred.float() * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    keep = 1 - mask[..., None]
+    common.save_image_grid(
+        [imgs, unpatchify(target * keep, p), unpatchify(target * keep + pred * (1 - keep), p)], f"{args.out}/recon.png"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv=None):
+    args = get_args(argv)
+    env = common.init(args, METHOD)
+    augment = common.make_views(args.aug, args.img_size)
+    loader = common.train_loader(args, env, augment)
+    net = MAE(args).to(env.device)  # METHOD: the model
+    backbone = net.backbone  # what the run is for: backbone.pt and the k-NN monitor
+    model = common.distribute(net, args, env)
+    optimizer = common.build_optimizer(args, env, net, betas=(0.9, 0.95))  # METHOD:
+    amp, scaler = common.autocast(args, env)
+    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    if args.recon:  # METHOD: on demand
+        return save_reconstruction(net, loader.dataset.base, args, env)  # METHOD:
+    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    flops = common.count_step_flops(net, augment.sizes, args, env)
+    log = common.TrainLog(args, env, flops, steps_per_epoch)
+    for epoch in range(start_epoch, args.epochs):
+        model.train()
+        for views, _ in log.epoch(loader, epoch):
+            lr = common.cosine_schedule(step, total_steps, warmup_steps, env.lr)
+            common.set_lr(optimizer, lr)
+            views = common.to_device(views, args, env)
+            with amp():
+                loss, scalars = model(views)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            log.step(epoch, step, lr, loss, scalars)
+        knn = common.knn_monitor(backbone, args, env, epoch)
+        log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
+        common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
+        save_reconstruction(net, loader.dataset.base, args, env)  # METHOD: recon.png
+
+
+if __name__ == "__main__":
+    common.run(main)
