@@ -701,6 +701,9 @@ def resume(args, env, net, optimizer, scaler):
     """Load checkpoint.pt from --out if there is one, refusing another method's or arch's; then write args.json.
     Returns (first epoch to train, global step)."""
     path, state = os.path.join(args.out, "checkpoint.pt"), None
+    for name in os.listdir(args.out) if env.main else []:  # half-written files of a killed run
+        if ".pt.tmp" in name:
+            os.remove(os.path.join(args.out, name))
     if os.path.exists(path):
         try:
             state = torch.load(path, map_location=env.device, weights_only=False)

@@ -38,7 +38,7 @@ TINY = [
     "--log-every",
     "2",
     "--knn-every",
-    "1",
+    "2",
 ]
 
 
