@@ -267,11 +267,16 @@ def build_dataset(args, split):
     else:
         ds = torchvision_dataset(name, root or "data", split)
     if ds is not None and split == "train" and args.subset:
-        if args.subset > len(ds):
-            raise UserError(f"--subset {args.subset} is larger than the {len(ds)} training images")
-        g = torch.Generator().manual_seed(args.seed)
-        ds = torch.utils.data.Subset(ds, torch.randperm(len(ds), generator=g)[: args.subset].tolist())
+        ds = random_subset(ds, args.subset, args.seed)
     return ds
+
+
+def random_subset(ds, n, seed):
+    """A fixed random subset of n items, drawn from `seed`."""
+    if n > len(ds):
+        raise UserError(f"--subset {n} is larger than the {len(ds)} training images")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.Subset(ds, order[:n].tolist())
 
 
 def torchvision_dataset(name, root, split):
@@ -831,13 +836,22 @@ def knn_monitor(backbone, args, env, epoch):
 
 def knn_eval(backbone, args, env, ks=(20, 200)):
     """k-NN top-1 (%) of the backbone on the test split with the training split as memory; None if unlabelled."""
+    splits = labelled_splits(args)
+    return None if splits is None else knn_accuracy(*split_features(backbone, splits, args, env), ks)
+
+
+def labelled_splits(args, subset=0):
+    """(labelled training split, optionally a random subset of it; test split), or None without labels."""
     memory, test = build_dataset(args, "memory"), build_dataset(args, "test")
     if test is None or not has_labels(memory):
         return None
+    return (random_subset(memory, subset, args.seed) if subset else memory), test
+
+
+def split_features(backbone, splits, args, env):
+    """(train features, train labels, test features, test labels) of the center-cropped images."""
     transform = eval_transform(args.img_size)
-    train_f, train_l = extract_features(backbone, Augmented(memory, transform), args, env)
-    test_f, test_l = extract_features(backbone, Augmented(test, transform), args, env)
-    return knn_accuracy(train_f, train_l, test_f, test_l, ks)
+    return [t for ds in splits for t in extract_features(backbone, Augmented(ds, transform), args, env)]
 
 
 def knn_accuracy(train_f, train_l, test_f, test_l, ks=(20, 200)):

@@ -161,6 +161,7 @@ def probe_features(train_f, train_l, test_f, test_l, classes, args, env):
 def probe_augmented(backbone, train_set, test_f, test_l, classes, args, env):
     """Linear classifier on frozen features of freshly augmented crops every epoch (BN of the backbone frozen)."""
     lr = args.lr if args.lr is not None else 0.1
+    peak = lr * args.batch / 256
     augment = v2.Compose(
         [v2.RandomResizedCrop(args.img_size, antialias=True), v2.RandomHorizontalFlip(), common.normalize()]
     )
@@ -173,15 +174,13 @@ def probe_augmented(backbone, train_set, test_f, test_l, classes, args, env):
         generator=torch.Generator().manual_seed(args.seed),
     )
     head = linear_head(backbone.embed_dim, classes, args.bn_head == "on").to(env.device)
-    optimizer = torch.optim.SGD(
-        head.parameters(), lr=lr * args.batch / 256, momentum=0.9, nesterov=True, weight_decay=args.wd
-    )
+    optimizer = torch.optim.SGD(head.parameters(), lr=peak, momentum=0.9, nesterov=True, weight_decay=args.wd)
     amp, _ = common.autocast(args, env)
     backbone.eval()
     total, step = args.epochs * len(loader), 0
     for epoch in range(args.epochs):
         for img, label in loader:
-            common.set_lr(optimizer, common.cosine_schedule(step, total, 0, lr * args.batch / 256))
+            common.set_lr(optimizer, common.cosine_schedule(step, total, 0, peak))
             with torch.no_grad(), amp():
                 feats = backbone(common.to_device([img], args, env)[0]).float()
             loss = F.cross_entropy(head(feats), label.to(env.device))
@@ -200,19 +199,13 @@ def main(argv=None):
     backbone = load_backbone(args).to(env.device)
     if args.arch.startswith("resnet"):
         backbone = backbone.to(memory_format=torch.channels_last)
-    train_set, test_set = common.build_dataset(args, "memory"), common.build_dataset(args, "test")
-    if test_set is None or not common.has_labels(train_set):
+    splits = common.labelled_splits(args, args.subset)
+    if splits is None:
         raise common.UserError(
             f"{args.dataset} at {args.data} has no labelled train/ and val/ (or test/) to evaluate on"
         )
-    if args.subset:
-        g = torch.Generator().manual_seed(args.seed)
-        train_set = torch.utils.data.Subset(
-            train_set, torch.randperm(len(train_set), generator=g)[: args.subset].tolist()
-        )
-    transform = common.eval_transform(args.img_size)
-    train_f, train_l = common.extract_features(backbone, common.Augmented(train_set, transform), args, env)
-    test_f, test_l = common.extract_features(backbone, common.Augmented(test_set, transform), args, env)
+    train_set = splits[0]
+    train_f, train_l, test_f, test_l = common.split_features(backbone, splits, args, env)
     classes = int(max(train_l.max(), test_l.max())) + 1
     result = {
         "ckpt": args.ckpt,
