@@ -40,7 +40,9 @@ def run(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback text: keep the message.
+        message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1] if "Original Traceback" in str(e) else e
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -720,6 +722,7 @@ def resume(args, env, net, optimizer, scaler):
                 raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
     if env.main:
         write_json(os.path.join(args.out, "args.json"), {"method": env.method, **vars(args)})
+        truncate_log(os.path.join(args.out, "log.jsonl"), state["step"] if state else 0)
     if state is None:
         return 0, 0
     net.load_state_dict(state["model"])
@@ -735,6 +738,24 @@ def resume(args, env, net, optimizer, scaler):
     if env.main:
         print(f"resumed from {path} at epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["step"]
+
+
+def truncate_log(path, step):
+    """Drop the records a killed run logged after its last checkpoint (and a half-written last line), so that the
+    log of a resumed run reads as the log of one uninterrupted run."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
 
 
 class TrainLog:

@@ -61,6 +61,33 @@ def run_script(*argv, timeout=600, check=True, torchrun=0):
     return proc
 
 
+# Runs a script as __main__ after replacing torch.save by one that writes a few bytes and then SIGKILLs its own
+# process on the N-th call: the kill lands in the middle of writing a checkpoint.
+_KILL_DURING_SAVE = """
+import os, runpy, signal, sys, torch
+save, calls, kill_at = torch.save, [0], int(sys.argv.pop(1))
+def dying_save(obj, f, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        f.write(b"the first bytes of a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, f, *args, **kwargs)
+torch.save = dying_save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def kill_during_save(argv, nth):
+    """Run a script that is killed (SIGKILL) half-way through its nth torch.save; returns the CompletedProcess."""
+    cmd = [sys.executable, "-c", _KILL_DURING_SAVE, str(nth), *map(str, argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return proc
+
+
 def _entry(rank, fn, world, folder, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, run_script
+from conftest import ROOT, kill_during_save, run_script
 
 METHODS = [
     m
@@ -47,15 +47,25 @@ def kill_after_first_checkpoint(argv):
     assert os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
+# killed half-way through writing epoch 1's checkpoint, and with 2 loader workers against the straight run's 0
+KILLED_WHILE_WRITING = {"simclr", "dino"}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_run_writes_files_and_resumes_exactly(method, tiny, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tiny += [*EXTRA[method], "--epochs", 2]
     run_script(f"{method}.py", *tiny, "--out", straight)
-    kill_after_first_checkpoint([f"{method}.py", *tiny, "--out", resumed])
-    first = read_log(resumed)
+    if method in KILLED_WHILE_WRITING:
+        tiny[tiny.index("--workers") + 1] = 2
+        # saves: epoch 0's checkpoint.pt (1) and backbone.pt (2), epoch 1's checkpoint.pt (3)
+        kill_during_save([f"{method}.py", *tiny, "--out", resumed], 3)
+        assert any(".pt.tmp" in name for name in os.listdir(resumed))  # the half-written file
+        assert torch.load(resumed / "checkpoint.pt", weights_only=False)["epoch"] == 0  # the last good one, intact
+    else:
+        kill_after_first_checkpoint([f"{method}.py", *tiny, "--out", resumed])
     proc = run_script(f"{method}.py", *tiny, "--out", resumed)  # the same command again
-    assert "resumed from" in proc.stdout
+    assert "resumed from" in proc.stdout and not any(".tmp" in name for name in os.listdir(resumed))
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "backbone.pt"):
         assert (straight / name).exists()
     args = json.loads((straight / "args.json").read_text())
@@ -66,13 +76,14 @@ def test_run_writes_files_and_resumes_exactly(method, tiny, tmp_path):
     assert [r["step"] for r in steps] == [2, 4, 6, 8]  # 128 images / batch 32 = 4 steps per epoch, logged every 2
     assert steps[-1]["flops"] == 4 * steps[0]["flops"] > 0 and all(r["img_per_s"] > 0 for r in steps)
     assert [r["epoch"] for r in log if "knn_top1" in r] == [1]
-    # the rerun continued from epoch 1 at step 4, and ended where the uninterrupted run did, bit for bit
-    second = [r for r in read_log(resumed)[len(first) :] if r["epoch"] == 1 and "loss" in r]
-    assert second[0]["step"] == 6 and [r["loss"] for r in second] == [r["loss"] for r in steps if r["epoch"] == 1]
+    # the resumed run's log reads as the uninterrupted one's (losses and k-NN bit for bit; speeds differ)
+    untimed = lambda log: [{k: v for k, v in r.items() if k != "img_per_s"} for r in log]  # noqa: E731
+    assert untimed(read_log(resumed)) == untimed(log)
     a, b = torch.load(straight / "backbone.pt"), torch.load(resumed / "backbone.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False)["model"] for d in (straight, resumed))
-    assert all(torch.equal(ca[k], cb[k]) for k in ca)  # teachers, heads and DINO's center too
+    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (straight, resumed))
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])  # teachers, heads, DINO's center
+    assert ca["step"] == cb["step"] == 8
     # a finished run rerun with the same command trains no more
     lines = len(read_log(resumed))
     run_script(f"{method}.py", *tiny, "--out", resumed)
