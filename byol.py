@@ -43,6 +43,9 @@ def get_args(argv=None):
     p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
+    p.add_argument(
+        "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
+    )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
     # method
     p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
@@ -110,11 +113,11 @@ def main(argv=None):
     model = common.distribute(net, args, env)
     optimizer = common.build_optimizer(args, env, net)
     amp, scaler = common.autocast(args, env)
-    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
-    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     flops = common.count_step_flops(net, augment.sizes, args, env)
-    log = common.TrainLog(args, env, flops, steps_per_epoch)
+    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
+    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         for views, _ in log.epoch(loader, epoch):
@@ -134,6 +137,7 @@ def main(argv=None):
         knn = common.knn_monitor(backbone, args, env, epoch)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
+    log.finish(step)
 
 
 if __name__ == "__main__":

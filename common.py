@@ -3,6 +3,7 @@ FLOP counting, checkpoints, logging and the k-NN monitor. Nothing here knows whi
 
 import argparse
 import functools
+import itertools
 import json
 import math
 import os
@@ -412,6 +413,13 @@ def multi_crop(size, local_crops, patch, global_scale=(0.4, 1.0), local_scale=(0
     return Views(views.transforms + [local] * local_crops, views.sizes + [local_size] * local_crops)
 
 
+def noise_view(size, std=0.1):
+    """The whole image resized, plus Gaussian pixel noise (std on the 0-1 scale): no crop, flip or colour."""
+    resize = [v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
+    noise = v2.Lambda(lambda x: x + std * torch.randn_like(x))
+    return v2.Compose(resize + [noise, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 RECIPES = {
     # SimCLR, ImageNet (paper App. A): colour strength 1, blur p 0.5 on both views.
     "simclr": lambda size, **_: simclr_views(size),
@@ -429,14 +437,21 @@ RECIPES = {
     "dino-resnet": lambda size, local_crops=0, patch=1, **_: multi_crop(
         size, local_crops, patch, (0.14, 1), (0.05, 0.14)
     ),
+    # Bordes et al. 2023: Gaussian noise as the only augmentation of the positive pair.
+    "noise-only": lambda size, **_: Views([noise_view(size)], [size]),
 }
 
 
-def make_views(name, size, **crops):
-    """The named recipe at `size`; multi-crop recipes also take local_crops and patch (local sides are multiples)."""
+def make_views(name, size, views=2, local_crops=0, patch=1):
+    """The named recipe at `size`, mapped onto the `views` a method consumes (0: all the recipe makes, at least 2).
+    A recipe with fewer views repeats them as independent draws (mae, noise-only: the same transform twice); one
+    with more keeps its first (dino for a two-view method: the two global crops; any recipe for MAE: view 1).
+    Multi-crop recipes also take local_crops and patch (local sides are multiples of the patch)."""
     if name not in RECIPES:
         raise UserError(f"unknown augmentation recipe {name!r}; choose from {', '.join(RECIPES)}")
-    return RECIPES[name](size, **crops)
+    recipe = RECIPES[name](size, local_crops=local_crops, patch=patch)
+    picks = [i % len(recipe.sizes) for i in range(views or max(2, len(recipe.sizes)))]
+    return Views([recipe.transforms[i] for i in picks], [recipe.sizes[i] for i in picks])
 
 
 def save_image_grid(rows, path):
@@ -740,6 +755,25 @@ def resume(args, env, net, optimizer, scaler):
     return state["epoch"] + 1, state["step"]
 
 
+def read_log(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def training_steps(args, steps_per_epoch, flops_per_step):
+    """The run's length in optimizer steps: --epochs of them, or with --budget-flops as many as the budget pays
+    for, so that the schedules span exactly those steps (and --epochs becomes the number of epochs they touch)."""
+    if not args.budget_flops:
+        return args.epochs * steps_per_epoch
+    steps = int(args.budget_flops // flops_per_step)
+    if steps < 1:
+        raise UserError(f"--budget-flops {args.budget_flops:g} buys no step ({flops_per_step:.3g} FLOPs per step)")
+    args.epochs = -(-steps // steps_per_epoch)
+    return steps
+
+
 def truncate_log(path, step):
     """Drop the records a killed run logged after its last checkpoint (and a half-written last line), so that the
     log of a resumed run reads as the log of one uninterrupted run."""
@@ -760,27 +794,49 @@ def truncate_log(path, step):
 
 class TrainLog:
     """log.jsonl on rank 0 and a tqdm bar per epoch. Losses accumulate on the device; the host reads them only
-    every `every` steps, so the training loop has no per-step synchronisation."""
+    every `every` steps, so the training loop has no per-step synchronisation. Each record carries the training
+    wall time so far ("time", seconds, summed over resumed runs); finish() writes summary.json."""
 
-    def __init__(self, args, env, flops_per_step, steps_per_epoch):
+    def __init__(self, args, env, flops_per_step, steps_per_epoch, total_steps):
         self.args, self.env, self.every, self.flops_per_step = args, env, args.log_every, flops_per_step
-        self.steps_per_epoch, self.bar, self.loss_sum, self.count = steps_per_epoch, None, 0.0, 0
+        self.steps_per_epoch, self.total_steps, self.bar, self.loss_sum, self.count = (
+            steps_per_epoch,
+            total_steps,
+            None,
+            0.0,
+            0,
+        )
         self.path = os.path.join(args.out, "log.jsonl")
+        records = read_log(self.path) if env.main else []
         self.tick = time.perf_counter()
+        self.start = self.tick - (records[-1].get("time", 0.0) if records else 0.0)
 
     def write(self, record):
         if self.env.main:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "time": round(time.perf_counter() - self.start, 3)}) + "\n")
 
     def epoch(self, loader, epoch):
+        """This epoch's batches, stopping at the run's last step (a --budget-flops run may end mid-epoch)."""
         loader.sampler.set_epoch(epoch)
+        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
         self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.env.main, leave=False, dynamic_ncols=True)
-        return self.bar
+        return itertools.islice(self.bar, steps)
+
+    def finish(self, step):
+        """summary.json: what the run cost and what it reached, for comparisons at equal compute."""
+        if not self.env.main:
+            return
+        records = read_log(self.path)
+        knn = [r["knn_top1"] for r in records if "knn_top1" in r]
+        summary = dict(method=self.env.method, arch=self.args.arch, flops=step * self.flops_per_step, steps=step,
+                       images_seen=step * self.args.batch, wall_time_s=records[-1]["time"] if records else 0.0,
+                       knn_top1=knn[-1] if knn else None)  # fmt: skip
+        write_json(os.path.join(self.args.out, "summary.json"), summary)
 
     def step(self, epoch, step, lr, loss, scalars):
         self.loss_sum, self.count = self.loss_sum + loss.detach(), self.count + 1
-        if step % self.every and step % self.steps_per_epoch:
+        if step % self.every and step % self.steps_per_epoch and step != self.total_steps:
             return
         mean_loss = float(self.loss_sum) / self.count  # the only host sync, once per interval
         if not math.isfinite(mean_loss):

@@ -42,6 +42,9 @@ def get_args(argv=None):
     p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
+    p.add_argument(
+        "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
+    )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
     # method
     p.add_argument("--arch", default="vit_base", help="vit_tiny, vit_small or vit_base")
@@ -159,20 +162,20 @@ def save_reconstruction(net, dataset, args, env):
 def main(argv=None):
     args = get_args(argv)
     env = common.init(args, METHOD)
-    augment = common.make_views(args.aug, args.img_size)
+    augment = common.make_views(args.aug, args.img_size, views=1)  # METHOD: one view
     loader = common.train_loader(args, env, augment)
     net = MAE(args).to(env.device)  # METHOD: the model
     backbone = net.backbone  # what the run is for: backbone.pt and the k-NN monitor
     model = common.distribute(net, args, env)
     optimizer = common.build_optimizer(args, env, net, betas=(0.9, 0.95))  # METHOD:
     amp, scaler = common.autocast(args, env)
+    flops = common.count_step_flops(net, augment.sizes, args, env)
+    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
     start_epoch, step = common.resume(args, env, net, optimizer, scaler)
     if args.recon:  # METHOD: on demand
         return save_reconstruction(net, loader.dataset.base, args, env)  # METHOD:
-    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    flops = common.count_step_flops(net, augment.sizes, args, env)
-    log = common.TrainLog(args, env, flops, steps_per_epoch)
+    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         for views, _ in log.epoch(loader, epoch):
@@ -191,6 +194,7 @@ def main(argv=None):
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
         save_reconstruction(net, loader.dataset.base, args, env)  # METHOD: recon.png
+    log.finish(step)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ def get_args(argv=None):
     p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
+    p.add_argument(
+        "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
+    )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
     # method
     p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
@@ -53,8 +56,9 @@ def get_args(argv=None):
     p.add_argument("--wd", type=float, default=1e-6, help="weight decay")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup epochs")
     p.add_argument("--aug", default="simclr", help="augmentation recipe (common.RECIPES); CIFAR: simclr-cifar")
-    p.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature (CIFAR: 0.5)")
+    p.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax over similarities")
     p.add_argument("--mlp", default="2048-128", help="projector widths (the last is the embedding)")
+    p.add_argument("--negatives", type=int, default=0, help="random negatives per anchor (0: all 2N-2)")
     return p.parse_args(argv)
 
 
@@ -62,7 +66,7 @@ def get_args(argv=None):
 # Method
 
 
-def nt_xent(z1, z2, temperature):
+def nt_xent(z1, z2, temperature, negatives=0):
     """NT-Xent over the 2N views of the global batch: the mean over this process's 2n anchors, as the paper's
     1/2N (the official code sums the two directions, 2x). z1, z2: (n, d), this process's two views."""
     n = z1.shape[0]
@@ -72,6 +76,9 @@ def nt_xent(z1, z2, temperature):
     mine = torch.arange(n, device=z.device) + common.rank() * n  # our images' global indices
     self_idx, pos_idx = torch.cat([mine, mine + N]), torch.cat([mine + N, mine])
     logits = (z @ keys.T / temperature).scatter(1, self_idx[:, None], float("-inf"))  # a view is not its own negative
+    if negatives:  # K random negatives per anchor (Bordes et al. 2023); the positive scores 2, the view itself -1
+        score = torch.rand_like(logits).scatter(1, pos_idx[:, None], 2.0).scatter(1, self_idx[:, None], -1.0)
+        logits = logits.masked_fill(score < score.topk(negatives + 1, dim=1).values[:, -1:], float("-inf"))
     return F.cross_entropy(logits, pos_idx)
 
 
@@ -96,7 +103,7 @@ class SimCLR(nn.Module):
 
     def forward(self, views):
         z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
-        loss = nt_xent(z1, z2, self.args.temperature)
+        loss = nt_xent(z1, z2, self.args.temperature, self.args.negatives)
         return loss, {}
 
 
@@ -114,11 +121,11 @@ def main(argv=None):
     model = common.distribute(net, args, env)
     optimizer = common.build_optimizer(args, env, net)
     amp, scaler = common.autocast(args, env)
-    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
-    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     flops = common.count_step_flops(net, augment.sizes, args, env)
-    log = common.TrainLog(args, env, flops, steps_per_epoch)
+    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
+    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         for views, _ in log.epoch(loader, epoch):
@@ -136,6 +143,7 @@ def main(argv=None):
         knn = common.knn_monitor(backbone, args, env, epoch)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
+    log.finish(step)
 
 
 if __name__ == "__main__":

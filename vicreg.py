@@ -43,6 +43,9 @@ def get_args(argv=None):
     p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")
     p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
+    p.add_argument(
+        "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
+    )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
     # method
     p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
@@ -53,10 +56,10 @@ def get_args(argv=None):
     p.add_argument("--wd", type=float, default=1e-6, help="weight decay")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup epochs")
     p.add_argument("--aug", default="byol", help="augmentation recipe (common.RECIPES); the paper's: vicreg-symmetric")
+    p.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax over similarities")
     p.add_argument("--mlp", default="8192-8192-8192", help="expander widths (the last is the embedding)")
-    p.add_argument("--sim-coeff", type=float, default=25.0, help="invariance coefficient (lambda)")
-    p.add_argument("--std-coeff", type=float, default=25.0, help="variance coefficient (mu)")
-    p.add_argument("--cov-coeff", type=float, default=1.0, help="covariance coefficient (nu)")
+    p.add_argument("--coeffs", default="25,25,1", help="invariance, variance, covariance coefficients (lambda, mu, nu)")
+    p.add_argument("--variant", default="vicreg", choices=["vicreg", "exp", "ctr"], help="Garrido et al. 2023")
     return p.parse_args(argv)
 
 
@@ -64,28 +67,29 @@ def get_args(argv=None):
 # Method
 
 
-def vicreg_terms(z1, z2):
+def vicreg_terms(z1, z2, variant="vicreg", temperature=0.1):
     """(invariance, variance, covariance), normalised as the official code: invariance = F.mse_loss (also / d)
-    on this process's batch; variance (halved per branch) and covariance on the gathered, centred batch."""
+    on this process's batch; variance (halved per branch) and covariance on the gathered, centred batch. Garrido
+    et al. 2023: exp repels by LogSumExp over each covariance row (Eq. 11), ctr is exp on the transposed batch."""
     invariance = F.mse_loss(z1.float(), z2.float())
-    x, y = (common.gather(z.float()) for z in (z1, z2))
+    x, y = (common.gather(z.float()).T if variant == "ctr" else common.gather(z.float()) for z in (z1, z2))
     (n, d), x, y = x.shape, x - x.mean(0), y - y.mean(0)
     hinge = lambda t: F.relu(1 - (t.var(0) + 1e-4).sqrt()).mean() / 2  # noqa: E731
     off_diagonal = lambda c: c.square().sum() - torch.diagonal(c).square().sum()  # noqa: E731
-    covariance = off_diagonal(x.T @ x / (n - 1)) / d + off_diagonal(y.T @ y / (n - 1)) / d
-    return invariance, hinge(x) + hinge(y), covariance
+    lse = lambda c: (c / temperature).fill_diagonal_(float("-inf")).logsumexp(1).sum()  # noqa: E731
+    repel = off_diagonal if variant == "vicreg" else lse  # summed over rows, then / d
+    return invariance, hinge(x) + hinge(y), (repel(x.T @ x / (n - 1)) + repel(y.T @ y / (n - 1))) / d
 
 
 def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
-    invariance, variance, covariance = vicreg_terms(z1, z2)
-    return sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return sum(c * t for c, t in zip((sim_coeff, std_coeff, cov_coeff), vicreg_terms(z1, z2)))
 
 
 def mlp(in_dim, widths):
     """The official code's head: (Linear, BN, ReLU) per hidden width, then the output layer."""
     layers = []
     for width in widths[:-1]:
-        layers += [nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        layers += [nn.Linear(in_dim, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
         in_dim = width
     layers += [nn.Linear(in_dim, widths[-1], bias=False)]
     return nn.Sequential(*layers)
@@ -101,8 +105,8 @@ class VICReg(nn.Module):
 
     def forward(self, views):
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
-        terms = vicreg_terms(z1, z2)
-        loss = self.args.sim_coeff * terms[0] + self.args.std_coeff * terms[1] + self.args.cov_coeff * terms[2]
+        terms = vicreg_terms(z1, z2, self.args.variant, self.args.temperature)
+        loss = sum(c * t for c, t in zip(map(float, self.args.coeffs.split(",")), terms))
         return loss, dict(zip(("invariance", "variance", "covariance"), terms))
 
 
@@ -120,11 +124,11 @@ def main(argv=None):
     model = common.distribute(net, args, env)
     optimizer = common.build_optimizer(args, env, net)
     amp, scaler = common.autocast(args, env)
-    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
-    steps_per_epoch, total_steps = len(loader), args.epochs * len(loader)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     flops = common.count_step_flops(net, augment.sizes, args, env)
-    log = common.TrainLog(args, env, flops, steps_per_epoch)
+    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
+    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
     for epoch in range(start_epoch, args.epochs):
         model.train()
         for views, _ in log.epoch(loader, epoch):
@@ -142,6 +146,7 @@ def main(argv=None):
         knn = common.knn_monitor(backbone, args, env, epoch)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
+    log.finish(step)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def tiny_dino(arch="vit_tiny"):
 
 def test_multi_crop_shapes_and_a_vit_step():
     torch.manual_seed(0)
-    augment = common.make_views("dino", 32, local_crops=3, patch=8)
+    augment = common.make_views("dino", 32, 0, local_crops=3, patch=8)
     assert augment.sizes == [32, 32, 16, 16, 16]  # local crops: 96/224 of 32 px, a multiple of the patch
     views = augment(common.SyntheticTextures(1, 32, 0)[0][0])
     assert [v.shape[-1] for v in views] == augment.sizes

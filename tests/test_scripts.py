@@ -16,7 +16,7 @@ METHODS = [
     for m in ("simclr", "byol", "vicreg", "dino", "mae")
     if os.path.exists(os.path.join(os.path.dirname(__file__), "..", f"{m}.py"))
 ]
-REQUIRED = {"epoch", "step", "loss", "lr", "img_per_s", "flops"}
+REQUIRED = {"epoch", "step", "loss", "lr", "img_per_s", "flops", "time"}
 # Small heads keep the CPU runs short.
 EXTRA = {
     "simclr": [],
@@ -77,7 +77,7 @@ def test_run_writes_files_and_resumes_exactly(method, tiny, tmp_path):
     assert steps[-1]["flops"] == 4 * steps[0]["flops"] > 0 and all(r["img_per_s"] > 0 for r in steps)
     assert [r["epoch"] for r in log if "knn_top1" in r] == [1]
     # the resumed run's log reads as the uninterrupted one's (losses and k-NN bit for bit; speeds differ)
-    untimed = lambda log: [{k: v for k, v in r.items() if k != "img_per_s"} for r in log]  # noqa: E731
+    untimed = lambda log: [{k: v for k, v in r.items() if k not in ("img_per_s", "time")} for r in log]  # noqa: E731
     assert untimed(read_log(resumed)) == untimed(log)
     a, b = torch.load(straight / "backbone.pt"), torch.load(resumed / "backbone.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,133 @@
+"""The seed papers' experiments (issue 8): --aug across scripts, --budget-flops and summary.json, SimCLR with K
+random negatives, VICReg-exp and VICReg-ctr."""
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+from conftest import TINY, run_script
+from test_scripts import METHODS, read_log
+
+import common
+import simclr
+import vicreg
+
+# views each script consumes: two-view methods 2, MAE 1, DINO all (2 global + --local-crops at 16 px here)
+EXPECTED = {"simclr": [32] * 2, "byol": [32] * 2, "vicreg": [32] * 2, "mae": [32], "dino": [32] * 2}
+
+
+class Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("recipe", list(common.RECIPES))
+def test_every_recipe_gives_each_script_its_views(method, recipe, monkeypatch, tmp_path):
+    """The script's own main() up to its data loader, with --aug RECIPE: the views it would train on."""
+
+    def capture(args, env, views):
+        raise Captured(views)
+
+    monkeypatch.setattr(common, "train_loader", capture)
+    script = importlib.import_module(method)
+    argv = ["--arch", "vit_tiny", "--img-size", "32", "--patch-size", "8", "--aug", recipe, "--out", str(tmp_path)]
+    with pytest.raises(Captured) as views:
+        script.main(argv + (["--local-crops", "2"] if method == "dino" else []))
+    img = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    out = views.value.args[0](img)
+    expected = EXPECTED[method] + ([16, 16] if method == "dino" and recipe.startswith("dino") else [])
+    assert [v.shape[-1] for v in out] == expected and all(v.shape[:2] == (3, v.shape[-1]) for v in out)
+    assert all(v.dtype == torch.float32 for v in out)
+
+
+def test_noise_only_keeps_the_whole_image_and_adds_noise():
+    torch.manual_seed(0)
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    a, b = common.make_views("noise-only", 32)(img)
+    clean = common.normalize()(img)
+    std = torch.tensor(common.IMAGENET_STD)[:, None, None]
+    assert not torch.equal(a, b) and ((a - clean) * std).std().item() == pytest.approx(0.1, rel=0.05)
+
+
+def test_budget_flops_sets_the_length_and_summary_json(tmp_path):
+    flags = [*TINY, "--knn-every", 0, "--warmup-epochs", 0.5]
+    run_script("simclr.py", *flags, "--epochs", 1, "--out", tmp_path / "one")
+    per_step = read_log(tmp_path / "one")[0]["flops"] / 2  # the first record is at step 2
+    budget = 5.5 * per_step
+    run_script("simclr.py", *flags, "--epochs", 1000, "--budget-flops", budget, "--out", tmp_path / "budget")
+    log = read_log(tmp_path / "budget")
+    summary = json.loads((tmp_path / "budget" / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["flops"] == 5 * per_step <= budget < 6 * per_step
+    assert summary["images_seen"] == 5 * 32 and summary["method"] == "simclr" and summary["arch"] == "resnet18"
+    assert summary["wall_time_s"] == log[-1]["time"] > 0 and summary["knn_top1"] is None
+    assert json.loads((tmp_path / "budget" / "args.json").read_text())["epochs"] == 2  # 4 steps per epoch
+    # the cosine spans the 5 budgeted steps (warmup 2), not 1000 epochs: the lr of step 5 (index 4)
+    peak = 1e-3 * 32 / 256
+    assert log[-2]["step"] == 5 and log[-2]["lr"] == pytest.approx(common.cosine_schedule(4, 5, 2, peak))
+    assert log[-2]["lr"] < 0.5 * peak
+
+
+def nt_xent_sampled_loop(z1, z2, temperature, negatives, seed):
+    """Each anchor keeps the `negatives` negatives with the highest uniform random score (scores drawn as one
+    (2N, 2N) matrix from `seed`), then -log(exp(s_pos) / (exp(s_pos) + sum over kept negatives exp(s_neg)))."""
+    z = torch.cat([z1, z2])
+    z = z / z.norm(dim=1, keepdim=True)
+    two_n = len(z)
+    torch.manual_seed(seed)
+    score = torch.rand(two_n, two_n)
+    total = 0.0
+    for a in range(two_n):
+        p = (a + two_n // 2) % two_n
+        candidates = sorted((b for b in range(two_n) if b not in (a, p)), key=lambda b: -score[a, b].item())
+        sim = lambda b: float(z[a] @ z[b]) / temperature  # noqa: E731
+        denominator = math.exp(sim(p)) + sum(math.exp(sim(b)) for b in candidates[:negatives])
+        total += -math.log(math.exp(sim(p)) / denominator)
+    return total / two_n
+
+
+@pytest.mark.parametrize("negatives", [1, 3])
+def test_nt_xent_with_k_random_negatives_matches_loop(negatives):
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    torch.manual_seed(7)
+    got = simclr.nt_xent(z1, z2, 0.5, negatives).item()
+    assert got == pytest.approx(nt_xent_sampled_loop(z1, z2, 0.5, negatives, seed=7), rel=1e-6)
+    # all 2N-2 negatives is the plain NT-Xent
+    assert simclr.nt_xent(z1, z2, 0.5, 10).item() == pytest.approx(simclr.nt_xent(z1, z2, 0.5).item(), rel=1e-9)
+
+
+def test_one_negative_on_orthogonal_embeddings():
+    """Orthonormal embeddings, identical views: every negative has similarity 0 and the positive 1, so the loss
+    with K negatives is log(1 + K exp(-1/t)) whichever negatives are drawn."""
+    z = torch.eye(8)[:4]
+    for k in (1, 2, 6):
+        assert simclr.nt_xent(z, z, 0.5, k).item() == pytest.approx(math.log(1 + k * math.exp(-2)), rel=1e-5)
+
+
+def vicreg_variant_loop(z1, z2, variant, tau):
+    """Garrido et al. 2023: VICReg-exp replaces the covariance term by (1/d) sum_i log sum_{j!=i} exp(C_ij/tau)
+    per branch; VICReg-ctr is VICReg-exp on the transposed embedding matrices (invariance unchanged)."""
+    n, d = z1.shape
+    invariance = float(((z1 - z2) ** 2).sum()) / (n * d)
+    variance = repulsion = 0.0
+    for z in (z1, z2):
+        k = z.T if variant == "ctr" else z  # rows: the samples the statistics run over
+        rows, cols = k.shape
+        mean = [sum(float(k[r, c]) for r in range(rows)) / rows for c in range(cols)]
+        cov = [[sum((float(k[r, i]) - mean[i]) * (float(k[r, j]) - mean[j]) for r in range(rows)) / (rows - 1)
+                for j in range(cols)] for i in range(cols)]  # fmt: skip
+        variance += sum(max(0.0, 1 - math.sqrt(cov[i][i] + 1e-4)) for i in range(cols)) / cols / 2
+        lse = [math.log(sum(math.exp(cov[i][j] / tau) for j in range(cols) if j != i)) for i in range(cols)]
+        repulsion += sum(lse) / cols
+    return invariance, variance, repulsion
+
+
+@pytest.mark.parametrize("variant", ["exp", "ctr"])
+def test_vicreg_variants_match_loop(variant):
+    torch.manual_seed(0)
+    z1, z2 = 0.5 * torch.randn(7, 5, dtype=torch.float64), 0.5 * torch.randn(7, 5, dtype=torch.float64)
+    got = vicreg.vicreg_terms(z1, z2, variant, 0.2)
+    for g, want in zip(got, vicreg_variant_loop(z1, z2, variant, 0.2)):
+        assert g.item() == pytest.approx(want, rel=1e-6)
