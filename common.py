@@ -319,10 +319,15 @@ class Augmented(Dataset):
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        img, label = self.base[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i)
-            return self.transform(img), label
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one image's tensors are tiny: in the main process (--workers 0) a thread pool
+        try:  # costs 5-15x the work itself (loader workers already run on one thread)
+            img, label = self.base[i]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i)
+                return self.transform(img), label
+        finally:
+            torch.set_num_threads(threads)
 
 
 class EpochSampler(Sampler):

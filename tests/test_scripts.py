@@ -47,16 +47,17 @@ def kill_after_first_checkpoint(argv):
     assert os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
-# killed half-way through writing epoch 1's checkpoint, and with 2 loader workers against the straight run's 0
-KILLED_WHILE_WRITING = {"simclr", "dino"}
+# Every script is killed after its first checkpoint (0 loader workers); SimCLR and DINO also half-way through
+# writing epoch 1's checkpoint, with 2 loader workers (the uninterrupted run has 0).
+KILLS = [(m, "after-checkpoint") for m in METHODS] + [(m, "mid-write") for m in ("simclr", "dino") if m in METHODS]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_run_writes_files_and_resumes_exactly(method, tiny, tmp_path):
+@pytest.mark.parametrize("method,kill", KILLS)
+def test_run_writes_files_and_resumes_exactly(method, kill, tiny, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     tiny += [*EXTRA[method], "--epochs", 2]
     run_script(f"{method}.py", *tiny, "--out", straight)
-    if method in KILLED_WHILE_WRITING:
+    if kill == "mid-write":
         tiny[tiny.index("--workers") + 1] = 2
         # saves: epoch 0's checkpoint.pt (1) and backbone.pt (2), epoch 1's checkpoint.pt (3)
         kill_during_save([f"{method}.py", *tiny, "--out", resumed], 3)
