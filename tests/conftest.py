@@ -107,3 +107,11 @@ def spawn(fn, world, *args):
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One finished 1-epoch SimCLR run (TINY, no k-NN), shared: tests copy it before writing into it."""
+    out = tmp_path_factory.mktemp("trained")
+    run_script("simclr.py", *TINY, "--epochs", 1, "--knn-every", 0, "--out", out)
+    return out

@@ -35,14 +35,6 @@ def assert_one_line_error(proc, *fragments):
         assert fragment in last, last
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One finished 1-epoch SimCLR run (TINY); tests copy it before touching it."""
-    out = tmp_path_factory.mktemp("trained")
-    run_script("simclr.py", *TINY, "--epochs", 1, "--knn-every", 0, "--out", out)
-    return out
-
-
 def image_folder(root, n_per_class=24, size=32):
     """train/ and val/ with two classes of random images in every PIL mode a user's folder may hold."""
     modes = ["RGB", "L", "P", "RGBA", "LA", "CMYK", "I;16"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ EXTRA = {
 }
 # Short runs on synthetic data (ResNet-18, ImageNet stem, 32 px, AdamW, the full SimCLR colour distortion).
 LEARN = ["--dataset", "synthetic", "--arch", "resnet18", "--stem", "imagenet", "--img-size", "32", "--batch", "64",
-         "--workers", "0", "--optimizer", "adamw", "--lr", "2e-3", "--wd", "1e-4", "--warmup-epochs", "1",
+         "--workers", "2", "--optimizer", "adamw", "--lr", "2e-3", "--wd", "1e-4", "--warmup-epochs", "1",
          "--aug", "simclr"]  # fmt: skip
 
 
@@ -52,11 +53,24 @@ def kill_after_first_checkpoint(argv):
 KILLS = [(m, "after-checkpoint") for m in METHODS] + [(m, "mid-write") for m in ("simclr", "dino") if m in METHODS]
 
 
+@pytest.fixture(scope="module")
+def straight_runs(tmp_path_factory):
+    """Uninterrupted 2-epoch runs (TINY, 0 workers), one per method, shared by that method's kill tests."""
+    done = {}
+
+    def get(method, flags):
+        if method not in done:
+            done[method] = tmp_path_factory.mktemp(f"straight-{method}")
+            run_script(f"{method}.py", *flags, "--out", done[method])
+        return done[method]
+
+    return get
+
+
 @pytest.mark.parametrize("method,kill", KILLS)
-def test_run_writes_files_and_resumes_exactly(method, kill, tiny, tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs, tmp_path):
     tiny += [*EXTRA[method], "--epochs", 2]
-    run_script(f"{method}.py", *tiny, "--out", straight)
+    straight, resumed = straight_runs(method, list(tiny)), tmp_path / "resumed"
     if kill == "mid-write":
         tiny[tiny.index("--workers") + 1] = 2
         # saves: epoch 0's checkpoint.pt (1) and backbone.pt (2), epoch 1's checkpoint.pt (3)
@@ -91,9 +105,8 @@ def test_run_writes_files_and_resumes_exactly(method, kill, tiny, tmp_path):
     assert len(read_log(resumed)) == lines
 
 
-def test_simclr_backbone_loads_into_torchvision(tiny, tmp_path):
-    run_script("simclr.py", *tiny, "--epochs", 1, "--knn-every", 0, "--out", tmp_path)
-    state = torch.load(tmp_path / "backbone.pt")
+def test_simclr_backbone_loads_into_torchvision(trained):
+    state = torch.load(trained / "backbone.pt")
     result = torchvision.models.resnet18().load_state_dict(state, strict=False)
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
 
@@ -106,13 +119,14 @@ def test_torchrun_two_processes(method, tiny, tmp_path):
     assert (tmp_path / "backbone.pt").exists()
 
 
-def test_eval_linear_on_a_run_and_at_random_init(tiny, tmp_path):
-    run_script("simclr.py", *tiny, "--epochs", 1, "--knn-every", 0, "--out", tmp_path)
-    proc = run_script("eval_linear.py", "--ckpt", tmp_path / "backbone.pt", "--epochs", 5, "--workers", 0)
+def test_eval_linear_on_a_run_and_at_random_init(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    proc = run_script("eval_linear.py", "--ckpt", run / "backbone.pt", "--epochs", 5, "--workers", 0)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["arch"] == "resnet18" and result["img_size"] == 32  # read from args.json beside the checkpoint
     assert 0 <= result["linear_top1"] <= 100 and 0 <= result["knn_top1"] <= 100
-    assert json.loads((tmp_path / "eval.json").read_text()) == result
+    assert json.loads((run / "eval.json").read_text()) == result
     out = tmp_path / "random.json"
     proc = run_script(
         "eval_linear.py",
@@ -134,9 +148,8 @@ def test_eval_linear_on_a_run_and_at_random_init(tiny, tmp_path):
     assert json.loads(out.read_text())["lr"] == 0.1
 
 
-def test_eval_linear_refuses_a_checkpoint_of_another_arch(tiny, tmp_path):
-    run_script("simclr.py", *tiny, "--epochs", 1, "--knn-every", 0, "--out", tmp_path)
-    proc = run_script("eval_linear.py", "--ckpt", tmp_path / "backbone.pt", "--arch", "resnet50", check=False)
+def test_eval_linear_refuses_a_checkpoint_of_another_arch(trained):
+    proc = run_script("eval_linear.py", "--ckpt", trained / "backbone.pt", "--arch", "resnet50", check=False)
     assert proc.returncode == 2 and "does not fit --arch resnet50" in proc.stderr and "Traceback" not in proc.stderr
 
 
