@@ -761,10 +761,17 @@ def resume(args, env, net, optimizer, scaler):
 
 
 def read_log(path):
+    """The records of a log.jsonl; a last line cut short by a kill is dropped."""
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return records
 
 
 def training_steps(args, steps_per_epoch, flops_per_step):
@@ -780,20 +787,11 @@ def training_steps(args, steps_per_epoch, flops_per_step):
 
 
 def truncate_log(path, step):
-    """Drop the records a killed run logged after its last checkpoint (and a half-written last line), so that the
-    log of a resumed run reads as the log of one uninterrupted run."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass
+    """Drop the records a killed run logged after its last checkpoint, so that the log of a resumed run reads as
+    the log of one uninterrupted run."""
+    kept = [record for record in read_log(path) if record["step"] <= step]
     with open(f"{path}.tmp", "w") as f:
-        f.writelines(kept)
+        f.writelines(json.dumps(record) + "\n" for record in kept)
     os.replace(f"{path}.tmp", path)
 
 
@@ -804,13 +802,8 @@ class TrainLog:
 
     def __init__(self, args, env, flops_per_step, steps_per_epoch, total_steps):
         self.args, self.env, self.every, self.flops_per_step = args, env, args.log_every, flops_per_step
-        self.steps_per_epoch, self.total_steps, self.bar, self.loss_sum, self.count = (
-            steps_per_epoch,
-            total_steps,
-            None,
-            0.0,
-            0,
-        )
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.bar, self.loss_sum, self.count = None, 0.0, 0
         self.path = os.path.join(args.out, "log.jsonl")
         records = read_log(self.path) if env.main else []
         self.tick = time.perf_counter()
