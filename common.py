@@ -805,14 +805,18 @@ class TrainLog:
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.bar, self.loss_sum, self.count = None, 0.0, 0
         self.path = os.path.join(args.out, "log.jsonl")
-        records = read_log(self.path) if env.main else []
+        records = read_log(self.path) if env.main else []  # a resumed run's log, already truncated
         self.tick = time.perf_counter()
-        self.start = self.tick - (records[-1].get("time", 0.0) if records else 0.0)
+        self.elapsed = records[-1].get("time", 0.0) if records else 0.0  # training wall time at the last record
+        self.start = self.tick - self.elapsed
+        self.knn_top1 = next((r["knn_top1"] for r in reversed(records) if "knn_top1" in r), None)
 
     def write(self, record):
+        self.knn_top1 = record.get("knn_top1", self.knn_top1)
+        self.elapsed = round(time.perf_counter() - self.start, 3)
         if self.env.main:
             with open(self.path, "a") as f:
-                f.write(json.dumps({**record, "time": round(time.perf_counter() - self.start, 3)}) + "\n")
+                f.write(json.dumps({**record, "time": self.elapsed}) + "\n")
 
     def epoch(self, loader, epoch):
         """This epoch's batches, stopping at the run's last step (a --budget-flops run may end mid-epoch)."""
@@ -825,11 +829,9 @@ class TrainLog:
         """summary.json: what the run cost and what it reached, for comparisons at equal compute."""
         if not self.env.main:
             return
-        records = read_log(self.path)
-        knn = [r["knn_top1"] for r in records if "knn_top1" in r]
         summary = dict(method=self.env.method, arch=self.args.arch, flops=step * self.flops_per_step, steps=step,
-                       images_seen=step * self.args.batch, wall_time_s=records[-1]["time"] if records else 0.0,
-                       knn_top1=knn[-1] if knn else None)  # fmt: skip
+                       images_seen=step * self.args.batch, wall_time_s=self.elapsed,
+                       knn_top1=self.knn_top1)  # fmt: skip
         write_json(os.path.join(self.args.out, "summary.json"), summary)
 
     def step(self, epoch, step, lr, loss, scalars):

@@ -12,6 +12,8 @@ import torch
 import torchvision
 from conftest import ROOT, kill_during_save, run_script
 
+import common
+
 METHODS = [
     m
     for m in ("simclr", "byol", "vicreg", "dino", "mae")
@@ -33,8 +35,7 @@ LEARN = ["--dataset", "synthetic", "--arch", "resnet18", "--stem", "imagenet", "
 
 
 def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return common.read_log(os.path.join(out, "log.jsonl"))
 
 
 def kill_after_first_checkpoint(argv):
