@@ -2,6 +2,7 @@
 FLOP counting, checkpoints, logging and the k-NN monitor. Nothing here knows which method is training."""
 
 import argparse
+import collections
 import functools
 import itertools
 import json
@@ -145,8 +146,14 @@ def distribute(net, args, env):
 
 
 def to_device(views, args, env):
+    """The loader's views on the device, normalised float32: uint8 views are normalised there, RawViews
+    (--gpu-aug) rendered there first; channels_last for ResNets."""
+    if isinstance(views, RawViews):
+        canvas, params, recipe = views
+        views = recipe.render(canvas.to(env.device, non_blocking=True), params, normalise=True)
     fmt = torch.channels_last if args.arch.startswith("resnet") else torch.contiguous_format
-    return [v.to(env.device, non_blocking=True, memory_format=fmt) for v in views]
+    views = [v.to(env.device, non_blocking=True) for v in views]
+    return [(normalize_batch(v) if v.dtype == torch.uint8 else v).contiguous(memory_format=fmt) for v in views]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,7 +218,12 @@ class ArrayImages(Dataset):
 
 
 class ImageFiles(Dataset):
-    """Images under a folder: class sub-folders give labels (sorted names), plain images get label -1."""
+    """Images under a folder: class sub-folders give labels (sorted names), plain images get label -1.
+    draft_side > 0: a JPEG at least twice that side (both ways) is decoded at 1/2, 1/4 or 1/8 scale (PIL draft
+    mode), never below it. Crop boxes are drawn as fractions of whatever size arrives, so the crop distribution is
+    unchanged; only the resampling differs, and no crop of the whole image is ever upsampled more."""
+
+    draft_side = 0
 
     def __init__(self, root, classes=None):
         self.root = root
@@ -237,6 +249,8 @@ class ImageFiles(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
+                if self.draft_side:
+                    im.draft("RGB", (self.draft_side, self.draft_side))
                 img = np.asarray(im.convert("RGB"))  # grayscale, palette and RGBA become RGB
         except Exception as e:
             raise UserError(f"cannot read image {path} ({e}); remove or replace it") from None
@@ -350,100 +364,299 @@ class EpochSampler(Sampler):
 
 
 def train_loader(args, env, views):
-    dataset = Augmented(build_dataset(args, "train"), views, args.seed)
+    """Batches of (views, labels): uint8 views rendered in the workers, or RawViews to render in to_device."""
+    images = build_dataset(args, "train")
+    if isinstance(getattr(images, "dataset", images), ImageFiles):  # a --subset wraps it
+        getattr(images, "dataset", images).draft_side = max(views.sizes)
+    dataset = Augmented(images, views.draw, args.seed)
     sampler = EpochSampler(len(dataset), args.seed, env.local_batch)
     if len(sampler) == 0:
         raise UserError(f"{len(dataset)} training images do not make one batch of {args.batch}; lower --batch")
     workers = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=env.device.type == "cuda")
     own = torch.Generator().manual_seed(args.seed)  # worker seeds must not draw from the global RNG
-    return DataLoader(dataset, env.local_batch, sampler=sampler, drop_last=True, generator=own, **workers)
+    collate = views.collate_raw if args.gpu_aug else views.collate
+    return DataLoader(
+        dataset, env.local_batch, sampler=sampler, drop_last=True, generator=own, collate_fn=collate, **workers
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Augmentations: uint8 tensors until the final normalisation
+# Augmentations. A recipe is one ViewSpec per view. Each image's parameters (crop box, flip, jitter factors
+# and order, grayscale, blur sigma, solarize) are drawn in the dataset's __getitem__, a pure function of the
+# item's seed; the pixel work then runs batched over the whole batch (Views.render): in the loader workers on
+# CPU tensors, or with --gpu-aug on the training device. The image is decoded once and every crop is cut from
+# it; pixels cross processes and the host-device link as uint8 and are normalised in to_device.
+
+FIELDS = ("top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation", "hue")
+FIELDS += ("order0", "order1", "order2", "order3", "gray", "blur", "sigma", "solarize", "noise", "seed")
+COL = SimpleNamespace(**{name: i for i, name in enumerate(FIELDS)})  # column of each parameter
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+class ViewSpec(SimpleNamespace):
+    """One view of a recipe: random resized crop (area `scale`, aspect `ratio`), flip, colour jitter (brightness,
+    contrast, saturation, hue in a random order, with probability jitter_p), grayscale, Gaussian blur (sigma
+    0.1-2, kernel 10% of the side), solarize; `noise` > 0: the whole image plus Gaussian pixel noise instead."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                 gray_p=0.2, blur_p=0.0, solarize_p=0.0, flip_p=0.5, noise=0.0):  # fmt: skip
+        super().__init__(size=size, scale=scale, ratio=ratio, jitter=jitter, jitter_p=jitter_p, gray_p=gray_p,
+                         blur_p=blur_p, solarize_p=solarize_p, flip_p=flip_p, noise=noise)  # fmt: skip
+
+
+def crop_box(h, w, scale, ratio, u):
+    """torchvision's RandomResizedCrop.get_params on 22 uniforms u: (top, left, height, width). Ten tries of an
+    area fraction uniform in `scale` and a log-uniform aspect in `ratio`; the first that fits is placed uniformly,
+    else the largest centred crop of an allowed aspect."""
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for t in range(10):
+        area = h * w * (scale[0] + u[2 * t] * (scale[1] - scale[0]))
+        aspect = math.exp(log_lo + u[2 * t + 1] * (log_hi - log_lo))
+        cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(u[20] * (h - ch + 1)), int(u[21] * (w - cw + 1)), ch, cw
+    if w / h < min(ratio):
+        cw, ch = w, round(w / min(ratio))
+    elif w / h > max(ratio):
+        ch, cw = h, round(h * max(ratio))
+    else:
+        ch, cw = h, w
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def draw_params(spec, h, w):
+    """One view's parameters for an (h, w) image, a float row in FIELDS order, from the global torch RNG (one
+    draw of 36 uniforms: cheap enough for the per-item work of a loader worker)."""
+    u = torch.rand(36, dtype=torch.float64).tolist()
+    if spec.noise:  # the whole image resized (shorter side) and centre-cropped: its central square
+        side = min(h, w)
+        row = [(h - side) // 2, (w - side) // 2, side, side] + [0.0] * 14 + [spec.noise, int(u[0] * 2**24)]
+        return torch.tensor(row, dtype=torch.float32)
+    b, c, s, hue = spec.jitter
+    order = sorted(range(4), key=lambda i: u[26 + i])  # ColorJitter's random order of the four
+    row = list(crop_box(h, w, spec.scale, spec.ratio, u[:22])) + [u[22] < spec.flip_p, u[23] < spec.jitter_p]
+    row += [1 + b * (2 * u[30] - 1), 1 + c * (2 * u[31] - 1), 1 + s * (2 * u[32] - 1), hue * (2 * u[33] - 1)]
+    row += order + [u[24] < spec.gray_p, u[25] < spec.blur_p, 0.1 + 1.9 * u[34], u[35] < spec.solarize_p, 0, 0]
+    return torch.tensor(row, dtype=torch.float32)
+
+
+BLUR_TAPS_MAX = 13  # +-3 sigma at the largest sigma (2): wider kernels only add weights below 0.3% of the mass
 
 
 def blur_kernel(size):
     return max(3, int(0.1 * size) // 2 * 2 + 1)  # about 10% of the side, odd (23 taps at 224 px)
 
 
-def ssl_view(
-    size, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0
-):
-    """One view: random resized crop, flip, colour jitter, grayscale, blur, solarize, normalise."""
-    bicubic = v2.InterpolationMode.BICUBIC
-    ops = [v2.RandomResizedCrop(size, scale=scale, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip()]
-    if jitter_p:
-        ops += [v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p)]
-    if gray_p:
-        ops += [v2.RandomGrayscale(gray_p)]
-    if blur_p:
-        ops += [v2.RandomApply([v2.GaussianBlur(blur_kernel(size), sigma=(0.1, 2.0))], p=blur_p)]
-    if solarize_p:
-        ops += [v2.RandomSolarize(128, p=solarize_p)]
-    return v2.Compose(ops + [normalize()])
+def grayscale(x):
+    return (x * x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
-def normalize():
-    """uint8 (3, H, W) -> float32 with ImageNet mean and std: the last step of every pipeline."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def adjust_hue(x, shift):
+    """Rotate the HSV hue of (n, 3, H, W) images in [0, 1] by shift (n,) turns, keeping value and saturation:
+    torchvision's adjust_hue in the closed form c_n = V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6."""
+    r, g, b = x.unbind(1)
+    v, m = x.amax(1), x.amin(1)
+    chroma = v - m
+    inv = 1 / torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # grey pixels: any hue works
+    h6 = torch.where(v == r, (g - b) * inv, torch.where(v == g, 2 + (b - r) * inv, 4 + (r - g) * inv))
+    h6 = h6 + 6 * shift.view(-1, 1, 1) + 6  # in [-1, 5] + [-3, 3] + 6: positive, so fmod is the modulo
+    k = torch.fmod(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h6[:, None], 6)
+    return v[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def color_op(x, factor, which):
+    """Brightness (0), contrast (1), saturation (2) or hue (3) of (n, 3, H, W) images in [0, 1], per image."""
+    if which == 3:
+        return adjust_hue(x, factor)
+    f = factor.view(-1, 1, 1, 1)
+    if which == 0:
+        return (x * f).clamp(0, 1)
+    target = grayscale(x).mean((1, 2, 3), keepdim=True) if which == 1 else grayscale(x)
+    return (f * x + (1 - f) * target).clamp(0, 1)
+
+
+def gaussian_blur(x, sigma, taps):
+    """Separable Gaussian blur of (n, 3, H, W) with a sigma per image, reflect padding (torchvision's kernel)."""
+    n, c, h, w = x.shape
+    t = torch.arange(taps, device=x.device, dtype=x.dtype) - (taps - 1) / 2
+    kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n c, taps)
+    y = F.pad(x.reshape(1, n * c, h, w), (taps // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, taps, 1), groups=n * c)
+    return F.conv2d(y, kernel.view(n * c, 1, 1, taps), groups=n * c).view(n, c, h, w)
+
+
+def where_rows(mask, fn, x, *row_args):
+    """Apply fn to the images where mask (on the CPU: no device sync) is set, leaving the others unchanged."""
+    idx = mask.nonzero()[:, 0].to(x.device, non_blocking=True)
+    if len(idx):
+        x[idx] = fn(x[idx], *[a[idx] for a in row_args])
+    return x
+
+
+def jitter_groups(host_p):
+    """Order rows by colour-jitter order (ColorJitter draws one of 24 per image; unjittered rows first) so that
+    each op runs on a contiguous slice. Returns the permutation and [(start, end, order)] of the jittered runs."""
+    order = host_p[:, COL.order0 : COL.gray].long()
+    key = torch.where(host_p[:, COL.jitter].bool(), 1 + order @ torch.tensor([64, 16, 4, 1]), 0)
+    perm = key.argsort(stable=True)
+    values, counts = torch.unique_consecutive(key[perm], return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return perm, [
+        (e - n, e, [k // 4**i % 4 for i in (3, 2, 1, 0)])
+        for k, n, e in zip((values - 1).tolist(), counts.tolist(), ends)
+        if k >= 0
+    ]
+
+
+def render(crops, p, host_p, taps):
+    """Flip, jitter, grayscale, blur and solarize (n, 3, S, S) crops in [0, 1] with parameter rows p (n, F) on
+    their device; host_p: the same rows on the CPU, for the masks. Rows must come sorted by jitter_groups."""
+    x = where_rows(host_p[:, COL.flip].bool(), lambda y: y.flip(-1), crops)
+    for start, end, order in jitter_groups(host_p)[1]:
+        for which in order:
+            x[start:end] = color_op(x[start:end], p[start:end, COL.brightness + which], which)
+    x = where_rows(host_p[:, COL.gray].bool(), lambda y: grayscale(y).expand(-1, 3, -1, -1), x)
+    x = where_rows(host_p[:, COL.blur].bool(), functools.partial(gaussian_blur, taps=taps), x, p[:, COL.sigma])
+    return where_rows(host_p[:, COL.solarize].bool(), lambda y: torch.where(y >= 128 / 255, 1 - y, y), x)
+
+
+def cut_crops(images, p, size):
+    """Crop boxes p[:, :4] out of uint8 images and resize them to size x size, bilinear and antialiased: a list
+    of (3, H, W) images on the CPU through F.interpolate's uint8 path, or an (n, 3, H, W) canvas holding them at
+    the top left through roi_align (averaging ceil(box/size)^2 bilinear samples per pixel). Floats in [0, 1]."""
+    if torch.is_tensor(images):
+        top, left, h, w = p[:, :4].unbind(1)
+        rois = torch.stack([torch.arange(len(p), device=p.device, dtype=p.dtype), left, top, left + w, top + h], 1)
+        return torchvision.ops.roi_align(images.float(), rois, size, aligned=True) / 255
+    crops = []
+    for img, (top, left, h, w) in zip(images, p[:, :4].int().tolist()):
+        crop = img[None, :, top : top + h, left : left + w]
+        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+    return torch.cat(crops).float() / 255
 
 
 class Views:
-    """A list of per-view transforms applied to one image; `sizes` gives each view's side."""
+    """A recipe: a list of ViewSpecs. `sizes`: each view's side."""
 
-    def __init__(self, transforms, sizes):
-        self.transforms, self.sizes = transforms, sizes
+    def __init__(self, specs):
+        self.specs, self.sizes = list(specs), [s.size for s in specs]
+
+    def draw(self, img):
+        """Per item (inside Augmented's seeded RNG): the decoded uint8 image and its (V, F) parameters."""
+        return img, torch.stack([draw_params(s, img.shape[-2], img.shape[-1]) for s in self.specs])
+
+    def render(self, images, params, normalise=False):
+        """The views of a batch: images (a list of uint8 (3, H, W), or an (N, 3, H, W) canvas on the device that
+        does the work), params (N, V, F) on the CPU. Views of one size are processed together, a few MB of
+        pixels at a time (cache-sized on a CPU). Returns one tensor per view: uint8, or normalised float32 where
+        asked or where the view adds noise."""
+        n, out, device = len(params), [None] * len(self.specs), images[0].device
+        by_size = {}
+        for v, spec in enumerate(self.specs):
+            by_size.setdefault(spec.size, []).append(v)
+        for size, group in by_size.items():
+            rows = params[:, group].transpose(0, 1).reshape(-1, len(FIELDS))  # view-major: (G n, F)
+            as_float = normalise or bool(rows[:, COL.noise].any())
+            x = torch.empty(len(rows), 3, size, size, device=device, dtype=torch.float32 if as_float else torch.uint8)
+            chunk = max(1, 2**20 // (3 * size * size)) if device.type == "cpu" else len(rows)
+            for start in range(0, len(rows), chunk):
+                perm = jitter_groups(rows[start : start + chunk])[0] + start  # rows of equal jitter order together
+                host_p, ids = rows[perm], perm % n
+                src = images[ids.to(device)] if torch.is_tensor(images) else [images[i] for i in ids.tolist()]
+                p = host_p.to(device, non_blocking=True)
+                y = render(cut_crops(src, p, size), p, host_p, min(blur_kernel(size), BLUR_TAPS_MAX))
+                if as_float:
+                    y = normalize_batch(y + p[:, COL.noise].view(-1, 1, 1, 1) * pixel_noise(host_p, y), scaled=True)
+                x[perm.to(device)] = y if as_float else (y * 255).round_().to(torch.uint8)
+            for j, v in enumerate(group):
+                out[v] = x[j * n : (j + 1) * n]
+        return out
+
+    def collate(self, batch):
+        """Loader workers: [((image, params), label)] -> (views, labels), the views rendered on this CPU."""
+        (images, params), labels = zip(*[item for item, _ in batch]), torch.tensor([label for _, label in batch])
+        return self.render(list(images), torch.stack(params)), labels
+
+    def collate_raw(self, batch):
+        """--gpu-aug: the decoded images on one uint8 canvas (top-left aligned) and the parameters; to_device
+        renders them on the training device."""
+        images, params = zip(*[item for item, _ in batch])
+        h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+        canvas = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)
+        for c, img in zip(canvas, images):
+            c[:, : img.shape[1], : img.shape[2]] = img
+        return RawViews(canvas, torch.stack(params), self), torch.tensor([label for _, label in batch])
 
     def __call__(self, img):
-        return [t(img) for t in self.transforms]
+        """One image's views, normalised float (3, S, S) each."""
+        img, params = self.draw(img)
+        return [v[0] for v in self.render([img], params[None], normalise=True)]
 
 
-def simclr_views(size, strength=1.0, blur_p=0.5):
-    s = strength
-    return Views([ssl_view(size, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), blur_p=blur_p)] * 2, [size] * 2)
+# What the loader yields with --gpu-aug (a namedtuple, so pin_memory copies its tensors): to_device renders it.
+RawViews = collections.namedtuple("RawViews", "canvas params views")
+
+
+def pixel_noise(rows, like):
+    """Gaussian noise for the views with a noise level, each from its own seed (so it is the same on any device)."""
+    noise = torch.zeros(like.shape)
+    for j in rows[:, COL.noise].nonzero()[:, 0].tolist():
+        noise[j] = torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(int(rows[j, COL.seed])))
+    return noise.to(like.device)
+
+
+def normalize_batch(x, scaled=False):
+    """uint8 (or [0, 1] float with scaled=True) images -> float32 with the ImageNet mean and std."""
+    mean, std = x.new_tensor(IMAGENET_MEAN, dtype=torch.float32), x.new_tensor(IMAGENET_STD, dtype=torch.float32)
+    scale = 1.0 if scaled else 255.0
+    return (x.float() - mean.view(1, 3, 1, 1) * scale) / (std.view(1, 3, 1, 1) * scale)
+
+
+def normalize():
+    """uint8 (3, H, W) -> float32 with ImageNet mean and std: the last step of the evaluation pipeline."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def two_views(size, **spec):
+    return Views([ViewSpec(size, **spec)] * 2)
 
 
 def byol_views(size, blur=(1.0, 0.1), solarize=(0.0, 0.2), scale=(0.08, 1.0)):
-    views = [ssl_view(size, scale, blur_p=b, solarize_p=s) for b, s in zip(blur, solarize)]
-    return Views(views, [size] * 2)
+    return Views([ViewSpec(size, scale, blur_p=b, solarize_p=s) for b, s in zip(blur, solarize)])
 
 
 def multi_crop(size, local_crops, patch, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4)):
     """DINO: BYOL's two global views, then `local_crops` small crops (blur p 0.5) of 96/224 of the side, rounded
     to a multiple of the ViT patch."""
     local_size = max(patch, round(size * 96 / 224 / patch) * patch)
-    views = byol_views(size, scale=global_scale)
-    local = ssl_view(local_size, local_scale, blur_p=0.5)
-    return Views(views.transforms + [local] * local_crops, views.sizes + [local_size] * local_crops)
+    local = ViewSpec(local_size, local_scale, blur_p=0.5)
+    return Views(byol_views(size, scale=global_scale).specs + [local] * local_crops)
 
 
-def noise_view(size, std=0.1):
-    """The whole image resized, plus Gaussian pixel noise (std on the 0-1 scale): no crop, flip or colour."""
-    resize = [v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
-    noise = v2.Lambda(lambda x: x + std * torch.randn_like(x))
-    return v2.Compose(resize + [noise, v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+def strength(s):
+    return dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))
 
 
 RECIPES = {
     # SimCLR, ImageNet (paper App. A): colour strength 1, blur p 0.5 on both views.
-    "simclr": lambda size, **_: simclr_views(size),
+    "simclr": lambda size, **_: two_views(size, **strength(1.0), blur_p=0.5),
     # SimCLR, CIFAR (paper App. B.9): colour strength 0.5, no blur.
-    "simclr-cifar": lambda size, **_: simclr_views(size, strength=0.5, blur_p=0.0),
+    "simclr-cifar": lambda size, **_: two_views(size, **strength(0.5)),
     # BYOL (paper Table 6), also the official VICReg and Barlow Twins code: asymmetric blur and solarize.
     "byol": lambda size, **_: byol_views(size),
     # VICReg as its paper describes it: BYOL's pipeline made symmetric.
     "vicreg-symmetric": lambda size, **_: byol_views(size, blur=(0.5, 0.5), solarize=(0.1, 0.1)),
     # MAE: one random resized crop of scale 0.2-1 and a flip, no colour (paper App. A.1).
-    "mae": lambda size, **_: Views([ssl_view(size, (0.2, 1.0), jitter_p=0.0, gray_p=0.0)], [size]),
+    "mae": lambda size, **_: Views([ViewSpec(size, (0.2, 1.0), jitter_p=0.0, gray_p=0.0)]),
     # DINO's multi-crop (ViT): global crops of scale 0.4-1, local crops of 0.05-0.4.
     "dino": lambda size, local_crops=0, patch=1, **_: multi_crop(size, local_crops, patch),
     # DINO's ResNet-50 command: wider global and narrower local crops.
     "dino-resnet": lambda size, local_crops=0, patch=1, **_: multi_crop(
         size, local_crops, patch, (0.14, 1), (0.05, 0.14)
     ),
-    # Bordes et al. 2023: Gaussian noise as the only augmentation of the positive pair.
-    "noise-only": lambda size, **_: Views([noise_view(size)], [size]),
+    # Bordes et al. 2023: Gaussian noise (std 0.1 on the 0-1 scale) as the only augmentation of the positive pair.
+    "noise-only": lambda size, **_: Views([ViewSpec(size, noise=0.1)]),
 }
 
 
@@ -455,8 +668,8 @@ def make_views(name, size, views=2, local_crops=0, patch=1):
     if name not in RECIPES:
         raise UserError(f"unknown augmentation recipe {name!r}; choose from {', '.join(RECIPES)}")
     recipe = RECIPES[name](size, local_crops=local_crops, patch=patch)
-    picks = [i % len(recipe.sizes) for i in range(views or max(2, len(recipe.sizes)))]
-    return Views([recipe.transforms[i] for i in picks], [recipe.sizes[i] for i in picks])
+    picks = [i % len(recipe.specs) for i in range(views or max(2, len(recipe.specs)))]
+    return Views([recipe.specs[i] for i in picks])
 
 
 def save_image_grid(rows, path):

@@ -37,6 +37,7 @@ def get_args(argv=None):
     p.add_argument("--img-size", type=int, default=None, help="training crop size; default: the dataset's native size")
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch size; default 16, 8 below 160 px, 4 at 64")
     p.add_argument("--workers", type=int, default=8, help="data loading processes per training process")
+    p.add_argument("--gpu-aug", action="store_true", help="augment on the training device (workers only decode)")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0, help="random seed")
