@@ -426,17 +426,22 @@ def crop_box(h, w, scale, ratio, u):
 
 def draw_params(spec, h, w):
     """One view's parameters for an (h, w) image, a float row in FIELDS order, from the global torch RNG (one
-    draw of 36 uniforms: cheap enough for the per-item work of a loader worker)."""
+    draw of 36 uniforms and Python arithmetic: cheap enough for the per-item work of a loader worker)."""
     u = torch.rand(36, dtype=torch.float64).tolist()
+    row = [0.0] * len(FIELDS)
     if spec.noise:  # the whole image resized (shorter side) and centre-cropped: its central square
         side = min(h, w)
-        row = [(h - side) // 2, (w - side) // 2, side, side] + [0.0] * 14 + [spec.noise, int(u[0] * 2**24)]
+        row[: COL.flip] = [(h - side) // 2, (w - side) // 2, side, side]
+        row[COL.noise], row[COL.seed] = spec.noise, int(u[0] * 2**24)
         return torch.tensor(row, dtype=torch.float32)
     b, c, s, hue = spec.jitter
-    order = sorted(range(4), key=lambda i: u[26 + i])  # ColorJitter's random order of the four
-    row = list(crop_box(h, w, spec.scale, spec.ratio, u[:22])) + [u[22] < spec.flip_p, u[23] < spec.jitter_p]
-    row += [1 + b * (2 * u[30] - 1), 1 + c * (2 * u[31] - 1), 1 + s * (2 * u[32] - 1), hue * (2 * u[33] - 1)]
-    row += order + [u[24] < spec.gray_p, u[25] < spec.blur_p, 0.1 + 1.9 * u[34], u[35] < spec.solarize_p, 0, 0]
+    row[: COL.flip] = crop_box(h, w, spec.scale, spec.ratio, u[:22])
+    row[COL.flip], row[COL.jitter] = u[22] < spec.flip_p, u[23] < spec.jitter_p
+    factors = [1 + x * (2 * v - 1) for x, v in zip((b, c, s), u[30:33])]  # uniform in [1 - x, 1 + x]
+    row[COL.brightness : COL.order0] = factors + [hue * (2 * u[33] - 1)]
+    row[COL.order0 : COL.gray] = sorted(range(4), key=lambda i: u[26 + i])  # ColorJitter's random order
+    row[COL.gray], row[COL.blur], row[COL.sigma] = u[24] < spec.gray_p, u[25] < spec.blur_p, 0.1 + 1.9 * u[34]
+    row[COL.solarize] = u[35] < spec.solarize_p
     return torch.tensor(row, dtype=torch.float32)
 
 
@@ -494,9 +499,10 @@ def where_rows(mask, fn, x, *row_args):
     return x
 
 
-def jitter_groups(host_p):
+def jitter_runs(host_p):
     """Order rows by colour-jitter order (ColorJitter draws one of 24 per image; unjittered rows first) so that
-    each op runs on a contiguous slice. Returns the permutation and [(start, end, order)] of the jittered runs."""
+    each op runs on a contiguous slice. Returns the permutation and, in the sorted rows, [(start, end, order)]
+    of the jittered runs."""
     order = host_p[:, COL.order0 : COL.gray].long()
     key = torch.where(host_p[:, COL.jitter].bool(), 1 + order @ torch.tensor([64, 16, 4, 1]), 0)
     perm = key.argsort(stable=True)
@@ -509,11 +515,11 @@ def jitter_groups(host_p):
     ]
 
 
-def render(crops, p, host_p, taps):
+def render(crops, p, host_p, runs, taps):
     """Flip, jitter, grayscale, blur and solarize (n, 3, S, S) crops in [0, 1] with parameter rows p (n, F) on
-    their device; host_p: the same rows on the CPU, for the masks. Rows must come sorted by jitter_groups."""
+    their device; host_p: the same rows on the CPU, for the masks; runs: their jitter_runs (rows sorted)."""
     x = where_rows(host_p[:, COL.flip].bool(), lambda y: y.flip(-1), crops)
-    for start, end, order in jitter_groups(host_p)[1]:
+    for start, end, order in runs:
         for which in order:
             x[start:end] = color_op(x[start:end], p[start:end, COL.brightness + which], which)
     x = where_rows(host_p[:, COL.gray].bool(), lambda y: grayscale(y).expand(-1, 3, -1, -1), x)
@@ -561,14 +567,15 @@ class Views:
             x = torch.empty(len(rows), 3, size, size, device=device, dtype=torch.float32 if as_float else torch.uint8)
             chunk = max(1, 2**20 // (3 * size * size)) if device.type == "cpu" else len(rows)
             for start in range(0, len(rows), chunk):
-                perm = jitter_groups(rows[start : start + chunk])[0] + start  # rows of equal jitter order together
+                perm, runs = jitter_runs(rows[start : start + chunk])
+                perm += start
                 host_p, ids = rows[perm], perm % n
                 src = images[ids.to(device)] if torch.is_tensor(images) else [images[i] for i in ids.tolist()]
                 p = host_p.to(device, non_blocking=True)
-                y = render(cut_crops(src, p, size), p, host_p, min(blur_kernel(size), BLUR_TAPS_MAX))
-                if as_float:
-                    y = normalize_batch(y + p[:, COL.noise].view(-1, 1, 1, 1) * pixel_noise(host_p, y), scaled=True)
-                x[perm.to(device)] = y if as_float else (y * 255).round_().to(torch.uint8)
+                y = render(cut_crops(src, p, size), p, host_p, runs, min(blur_kernel(size), BLUR_TAPS_MAX))
+                if host_p[:, COL.noise].any():
+                    y = y + p[:, COL.noise].view(-1, 1, 1, 1) * pixel_noise(host_p, y)
+                x[perm.to(device)] = normalize_batch(y, scaled=True) if as_float else (y * 255).round_().to(torch.uint8)
             for j, v in enumerate(group):
                 out[v] = x[j * n : (j + 1) * n]
         return out
@@ -611,11 +618,6 @@ def normalize_batch(x, scaled=False):
     mean, std = x.new_tensor(IMAGENET_MEAN, dtype=torch.float32), x.new_tensor(IMAGENET_STD, dtype=torch.float32)
     scale = 1.0 if scaled else 255.0
     return (x.float() - mean.view(1, 3, 1, 1) * scale) / (std.view(1, 3, 1, 1) * scale)
-
-
-def normalize():
-    """uint8 (3, H, W) -> float32 with ImageNet mean and std: the last step of the evaluation pipeline."""
-    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def two_views(size, **spec):
@@ -682,10 +684,11 @@ def save_image_grid(rows, path):
 
 
 def eval_transform(size):
-    """Resize (to size/0.875 above 64 px, the usual 256->224 center crop) and center crop, then normalise."""
+    """Resize (to size/0.875 above 64 px, the usual 256->224 center crop) and center crop; uint8 (to_device
+    normalises)."""
     resize = size if size <= 64 else round(size / 0.875)
     bicubic = v2.InterpolationMode.BICUBIC
-    return v2.Compose([v2.Resize(resize, interpolation=bicubic, antialias=True), v2.CenterCrop(size), normalize()])
+    return v2.Compose([v2.Resize(resize, interpolation=bicubic, antialias=True), v2.CenterCrop(size)])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torchvision.transforms import v2
 
 import common
 
@@ -162,16 +161,15 @@ def probe_augmented(backbone, train_set, test_f, test_l, classes, args, env):
     """Linear classifier on frozen features of freshly augmented crops every epoch (BN of the backbone frozen)."""
     lr = args.lr if args.lr is not None else 0.1
     peak = lr * args.batch / 256
-    augment = v2.Compose(
-        [v2.RandomResizedCrop(args.img_size, antialias=True), v2.RandomHorizontalFlip(), common.normalize()]
-    )
+    crop_and_flip = common.Views([common.ViewSpec(args.img_size, jitter_p=0.0, gray_p=0.0)])  # no colour
     loader = DataLoader(
-        common.Augmented(train_set, augment, args.seed),
+        common.Augmented(train_set, crop_and_flip.draw, args.seed),
         args.batch,
         shuffle=True,
         drop_last=True,
         num_workers=args.workers,
         generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=crop_and_flip.collate,
     )
     head = linear_head(backbone.embed_dim, classes, args.bn_head == "on").to(env.device)
     optimizer = torch.optim.SGD(head.parameters(), lr=peak, momentum=0.9, nesterov=True, weight_decay=args.wd)
@@ -179,10 +177,10 @@ def probe_augmented(backbone, train_set, test_f, test_l, classes, args, env):
     backbone.eval()
     total, step = args.epochs * len(loader), 0
     for epoch in range(args.epochs):
-        for img, label in loader:
+        for views, label in loader:
             common.set_lr(optimizer, common.cosine_schedule(step, total, 0, peak))
             with torch.no_grad(), amp():
-                feats = backbone(common.to_device([img], args, env)[0]).float()
+                feats = backbone(common.to_device(views, args, env)[0]).float()
             loss = F.cross_entropy(head(feats), label.to(env.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

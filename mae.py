@@ -143,7 +143,8 @@ def save_reconstruction(net, dataset, args, env):
     """recon.png: 8 fixed images, their visible patches, the reconstruction (norm-pix: with the true patch stats)."""
     if not env.main:
         return
-    imgs = torch.stack([common.eval_transform(args.img_size)(dataset[i][0]) for i in range(8)]).to(env.device)
+    fixed = torch.stack([common.eval_transform(args.img_size)(dataset[i][0]) for i in range(8)])  # uint8
+    imgs = common.to_device([fixed], args, env)[0]
     with torch.random.fork_rng(devices=[imgs.device] if imgs.is_cuda else []):
         torch.manual_seed(0)  # the same mask every time
         pred, mask = net.predict(imgs)

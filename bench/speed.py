@@ -40,7 +40,7 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, help="image folder (class sub-folders or images), for the pipeline")
     p.add_argument("--recipe", default="simclr", help=f"the method whose pipeline to measure: {', '.join(METHODS)}")
     p.add_argument("--img-size", type=int, default=32, help="view side (DINO: global crops; local: 96/224 of it)")
-    p.add_argument("--local-crops", type=int, default=8, help="DINO's local crops")
+    p.add_argument("--local-crops", type=int, default=8, help="DINO's local crops (pipeline and step)")
     p.add_argument("--n", type=int, default=256, help="images per round")
     p.add_argument("--batch", type=int, default=64, help="images per rendered batch (pipeline) or per step (step)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per side; the best counts")
@@ -181,9 +181,10 @@ def bench_step(args):
         if method not in METHODS:
             raise common.UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         module = importlib.import_module(method)
-        arch = args.arch if method not in ("mae",) or args.arch.startswith("vit") else "vit_tiny"
+        arch = "vit_tiny" if method == "mae" and not args.arch.startswith("vit") else args.arch
         argv = ["--arch", arch, "--stem", args.stem, "--img-size", str(args.img_size), "--batch", str(args.batch),
                 "--amp", args.amp, "--out", "/tmp/bench-unused", "--optimizer", "adamw"]  # fmt: skip
+        argv += ["--local-crops", str(args.local_crops)] if method == "dino" else []
         margs = module.get_args(argv + (["--compile"] if args.compile else []))
         common.check_args(margs)
         env = SimpleNamespace(device=device, world=1, main=True, local_batch=args.batch, lr=1e-4, method=method)
@@ -192,9 +193,8 @@ def bench_step(args):
         model = common.distribute(net, margs, env)
         optimizer = common.build_optimizer(margs, env, net)
         amp, scaler = common.autocast(margs, env)
-        views = common.make_views(
-            margs.aug, margs.img_size, *({"dino": (0, 2, margs.patch_size), "mae": (1,)}.get(method, ()))
-        )
+        consumed = (0, margs.local_crops, margs.patch_size) if method == "dino" else (1,) if method == "mae" else ()
+        views = common.make_views(margs.aug, margs.img_size, *consumed)
         flops = common.count_step_flops(net, views.sizes, margs, env)
         batch = [torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8) for s in views.sizes]
         inputs = common.to_device(batch, margs, env)
