@@ -57,12 +57,13 @@ def get_args(argv=None):
     p.add_argument("--wd", type=float, default=0.04, help="weight decay at the start (cosine to --wd-end)")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup epochs")
     p.add_argument("--aug", default="dino", help="augmentation recipe (common.RECIPES); ResNets: dino-resnet")
-    p.add_argument("--ema", type=float, default=0.996, help="base teacher EMA momentum, raised to 1 by a cosine")
+    p.add_argument("--ema", type=float, default=0.996, help="base target EMA momentum, raised to 1 by a cosine")
     p.add_argument("--mlp", default="2048-2048-256", help="head widths before the prototypes (the last: bottleneck)")
     p.add_argument("--out-dim", type=int, default=65536, help="K, the number of prototypes")
     p.add_argument("--wd-end", type=float, default=0.4, help="weight decay at the end")
     p.add_argument("--local-crops", type=int, default=8, help="number of local crops (side: 96/224 of --img-size)")
     p.add_argument("--norm-last-layer", type=int, default=1, help="1: freeze the last layer's weight norm at 1")
+    p.add_argument("--bn-in-head", type=int, default=0, help="1: BatchNorm in the head (the official use_bn_in_head)")
     p.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT")
     p.add_argument("--student-temp", type=float, default=0.1, help="student temperature")
     p.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warmup")
@@ -100,11 +101,11 @@ def teacher_temperature(args, epoch):
     return end if epoch >= epochs else start + (end - start) * epoch / max(1, epochs - 1)
 
 
-def mlp(in_dim, widths):
-    """The official code's head: (Linear, GELU) per hidden width, then the output layer; no BN."""
+def mlp(in_dim, widths, bn=False):
+    """The official code's head: (Linear, BN if --bn-in-head, GELU) per hidden width, then the output layer."""
     layers = []
     for width in widths[:-1]:
-        layers += [nn.Linear(in_dim, width), nn.GELU()]
+        layers += [nn.Linear(in_dim, width), *([nn.BatchNorm1d(width)] if bn else []), nn.GELU()]
         in_dim = width
     layers += [nn.Linear(in_dim, widths[-1])]
     return nn.Sequential(*layers)
@@ -115,8 +116,8 @@ class DINOHead(nn.Module):
 
     def __init__(self, in_dim, args):
         super().__init__()
-        self.mlp = mlp(in_dim, [int(w) for w in args.mlp.split("-")])
-        for layer in self.mlp[::2]:  # the official init
+        self.mlp = mlp(in_dim, [int(w) for w in args.mlp.split("-")], args.bn_in_head)
+        for layer in [m for m in self.mlp if isinstance(m, nn.Linear)]:  # the official init
             nn.init.trunc_normal_(layer.weight, std=0.02), nn.init.zeros_(layer.bias)
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(layer.out_features, args.out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)  # each prototype's norm g: 1,

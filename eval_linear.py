@@ -61,6 +61,13 @@ def get_args(argv=None):
         choices=["auto", "on", "off"],
         help="BatchNorm(affine=False) before the classifier; auto: on for MAE",
     )
+    p.add_argument(
+        "--bn-stats",
+        default="ckpt",
+        choices=["ckpt", "data"],
+        help="BatchNorm statistics: the checkpoint's (at random init: mean 0, variance 1), or re-estimated from the "
+        "center crops of the training images",
+    )
     p.add_argument("--subset", type=int, default=0, help="train the classifier on N training images (0: all)")
     p.add_argument("--workers", type=int, default=4, help="data loading processes")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
@@ -111,6 +118,25 @@ def load_backbone(args):
         raise common.UserError(f"{args.ckpt} does not fit --arch {args.arch} at {args.img_size} px ({counts}); {fix}")
     backbone.load_state_dict(state)
     return backbone
+
+
+@torch.no_grad()
+def estimate_bn_stats(backbone, train_set, args, env, images=4096):
+    """Replace every BatchNorm's running statistics by their average over `images` center-cropped training images
+    (train-mode forwards, no gradient). A network at random init has mean 0 and variance 1 there, so in eval mode
+    its BatchNorms normalise nothing; this gives it the statistics any trained network has."""
+    norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    ids = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:images].tolist()
+    subset = common.Augmented(torch.utils.data.Subset(train_set, ids), common.eval_transform(args.img_size))
+    backbone.train()
+    for img, _ in DataLoader(subset, args.batch, num_workers=args.workers):
+        backbone(common.to_device([img], args, env)[0])
+    backbone.eval()
+    for m in norms:
+        m.momentum = 0.1
 
 
 def linear_head(dim, classes, bn):
@@ -203,6 +229,8 @@ def main(argv=None):
             f"{args.dataset} at {args.data} has no labelled train/ and val/ (or test/) to evaluate on"
         )
     train_set = splits[0]
+    if args.bn_stats == "data":
+        estimate_bn_stats(backbone, train_set, args, env)
     train_f, train_l, test_f, test_l = common.split_features(backbone, splits, args, env)
     classes = int(max(train_l.max(), test_l.max())) + 1
     result = {
@@ -211,6 +239,7 @@ def main(argv=None):
         "dataset": args.dataset,
         "img_size": args.img_size,
         "protocol": args.protocol,
+        "bn_stats": args.bn_stats,
     }
     result.update(common.knn_accuracy(train_f, train_l, test_f, test_l))
     if args.protocol == "features":

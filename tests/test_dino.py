@@ -104,3 +104,20 @@ def test_teacher_starts_as_a_copy_and_follows_the_ema():
     common.ema_update(net.teacher, [net.backbone, net.head], 0.99)
     key = "1.mlp.0.weight"
     assert torch.allclose(net.teacher.state_dict()[key], 0.99 * before[key] + 0.01 * (before[key] + 1.0), atol=1e-6)
+
+
+@pytest.mark.parametrize("bn", [0, 1])
+def test_head_layers_and_init(bn):
+    """The official DINOHead: Linear (BN with --bn-in-head) GELU per hidden width, a Linear to the bottleneck,
+    every Linear trunc-normal(0.02) with zero bias; then the weight-normalised prototypes, norms at 1."""
+    torch.manual_seed(0)
+    args = dino.get_args(["--mlp", "512-512-64", "--out-dim", "40", "--bn-in-head", str(bn)])
+    head = dino.DINOHead(256, args)
+    kinds = [type(m).__name__ for m in head.mlp]
+    assert kinds == (["Linear", "BatchNorm1d", "GELU"] * 2 if bn else ["Linear", "GELU"] * 2) + ["Linear"]
+    for layer in [m for m in head.mlp if isinstance(m, torch.nn.Linear)]:
+        assert abs(layer.weight.std().item() - 0.02) < 0.002  # (truncated at +-2, absolute, as the official code)
+        assert not layer.bias.any()
+    assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(40))
+    out = head(torch.randn(8, 256))
+    assert out.shape == (8, 40) and out.abs().max() <= 1 + 1e-5  # cosines: unit bottleneck, unit prototypes

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,6 +148,25 @@ def test_eval_linear_on_a_run_and_at_random_init(trained, tmp_path):
         out,
     )
     assert json.loads(out.read_text())["lr"] == 0.1
+
+
+def test_bn_stats_from_data_are_the_mean_and_variance_of_the_images():
+    """--bn-stats data: the first BatchNorm's running statistics become the per-channel mean and (unbiased)
+    variance of conv1's output over the images, computed here directly; the backbone is left in eval mode."""
+    import eval_linear
+
+    args = SimpleNamespace(dataset="synthetic", data=None, arch="resnet18", stem="imagenet", img_size=32,
+                           patch_size=None, seed=0, batch=64, workers=0, gpu_aug=False)  # fmt: skip
+    env = SimpleNamespace(device=torch.device("cpu"))
+    backbone, train = common.build_backbone(args), common.build_dataset(args, "memory")
+    eval_linear.estimate_bn_stats(backbone, train, args, env, images=48)  # one batch: exact statistics
+    ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:48].tolist()
+    with torch.no_grad():
+        out = backbone.conv1(common.to_device([torch.stack([train[i][0] for i in ids])], args, env)[0])
+    assert not backbone.training
+    torch.testing.assert_close(backbone.bn1.running_mean, out.mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(backbone.bn1.running_var, out.var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert all(m.momentum == 0.1 for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_eval_linear_refuses_a_checkpoint_of_another_arch(trained):
