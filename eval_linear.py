@@ -126,17 +126,18 @@ def estimate_bn_stats(backbone, train_set, args, env, images=4096):
     (train-mode forwards, no gradient). A network at random init has mean 0 and variance 1 there, so in eval mode
     its BatchNorms normalise nothing; this gives it the statistics any trained network has."""
     norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches
-    ids = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:images].tolist()
-    subset = common.Augmented(torch.utils.data.Subset(train_set, ids), common.eval_transform(args.img_size))
+    subset = common.random_subset(train_set, min(images, len(train_set)), args.seed)
+    center_crops = common.Augmented(subset, common.eval_transform(args.img_size))
     backbone.train()
-    for img, _ in DataLoader(subset, args.batch, num_workers=args.workers):
+    for img, _ in DataLoader(center_crops, args.batch, num_workers=args.workers):
         backbone(common.to_device([img], args, env)[0])
     backbone.eval()
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 def linear_head(dim, classes, bn):
