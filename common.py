@@ -91,6 +91,8 @@ def check_args(args):
             raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(choices)}")
     args.img_size = args.img_size or NATIVE_SIZE[args.dataset]
     args.patch_size = args.patch_size or (16 if args.img_size >= 160 else 8 if args.img_size > 64 else 4)
+    if getattr(args, "width", 1.0) <= 0 or (args.arch.startswith("vit") and getattr(args, "width", 1.0) != 1):
+        raise UserError(f"--width {args.width} must be positive, and 1 for a ViT (it scales ResNets)")
     if args.arch.startswith("vit") and args.img_size % args.patch_size:
         raise UserError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
 
@@ -801,11 +803,28 @@ def build_backbone(args, drop_path=0.0):
     if args.arch.startswith("vit"):
         dim, depth, heads = ARCHS[args.arch]
         return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, drop_path)
-    net = getattr(torchvision.models, args.arch)()
+    width = getattr(args, "width", 1.0)
+    net = getattr(torchvision.models, args.arch)() if width == 1 else scaled_resnet(args.arch, width)
     if uses_cifar_stem(args):
-        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+        net.conv1, net.maxpool = nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False), nn.Identity()
     net.fc = nn.Identity()
-    net.embed_dim = ARCHS[args.arch]
+    net.embed_dim = ARCHS[args.arch] * net.bn1.num_features // 64
+    return net
+
+
+def scaled_resnet(arch, width):
+    """torchvision's ResNet with every layer `width` times as wide: SimCLR's ResNet-50 (2x) and (4x), or a
+    narrow ResNet-18 for short CPU runs. Same blocks, same initialisation."""
+    net = getattr(torchvision.models, arch)()
+    block, depths = type(net.layer1[0]), [len(getattr(net, f"layer{i}")) for i in range(1, 5)]
+    planes = [max(1, round(64 * width)) * 2**i for i in range(4)]
+    net.inplanes, net.bn1 = planes[0], nn.BatchNorm2d(planes[0])
+    net.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
+    for i, (p, depth) in enumerate(zip(planes, depths)):
+        setattr(net, f"layer{i + 1}", net._make_layer(block, p, depth, stride=1 if i == 0 else 2))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return net
 
 

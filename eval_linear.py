@@ -42,6 +42,7 @@ def get_args(argv=None):
     p.add_argument("--dataset", default=None, help="default: the run's (args.json), else synthetic")
     p.add_argument("--data", default=None, help="data root; default: the run's")
     p.add_argument("--arch", default=None, help="default: the run's, else resnet18")
+    p.add_argument("--width", type=float, default=None, help="ResNet width multiplier; default: the run's, else 1")
     p.add_argument("--img-size", type=int, default=None, help="default: the run's, else the dataset's native size")
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch size; default: the run's")
     p.add_argument("--stem", default=None, help="ResNet stem auto|cifar|imagenet; default: the run's, else auto")
@@ -88,7 +89,9 @@ def resolve(args):
         if os.path.isfile(path):
             with open(path) as f:
                 run = json.load(f)
-    defaults = dict(dataset="synthetic", data=None, arch="resnet18", img_size=None, patch_size=None, stem="auto")
+    defaults = dict(
+        dataset="synthetic", data=None, arch="resnet18", width=1.0, img_size=None, patch_size=None, stem="auto"
+    )
     for key, default in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, run.get(key, default))
@@ -114,7 +117,7 @@ def load_backbone(args):
     misshaped = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
     if missing or unexpected or misshaped:
         counts = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors"
-        fix = "pass the run's --arch, --img-size, --patch-size and --stem"
+        fix = "pass the run's --arch, --width, --img-size, --patch-size and --stem"
         raise common.UserError(f"{args.ckpt} does not fit --arch {args.arch} at {args.img_size} px ({counts}); {fix}")
     backbone.load_state_dict(state)
     return backbone

@@ -50,6 +50,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
     # method
     p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
+    p.add_argument("--width", type=float, default=1.0, help="ResNet width multiplier (SimCLR's 2x, 4x)")
     p.add_argument("--epochs", type=int, default=100, help="training epochs")
     p.add_argument("--batch", type=int, default=4096, help="global batch size, summed over processes")
     p.add_argument("--optimizer", default="lars", help="lars, sgd or adamw")

@@ -183,3 +183,21 @@ def test_flop_count_of_a_linear_layer_and_state_restored():
     assert flops == fc1 + fc2 + 2 * fc2 + fc1
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters())
+
+
+def test_width_multiplier_scales_every_resnet_layer():
+    """--width: SimCLR's ResNet-50 (2x) has 94M parameters (SimCLR paper Table 6); a half-width
+    ResNet-18 has channels 32-64-128-256 in both stems and a 256-d output; width 1 is torchvision's network."""
+    wide = common.build_backbone(SimpleNamespace(arch="resnet50", width=2.0, stem="imagenet", img_size=224))
+    assert wide.embed_dim == 4096 and sum(p.numel() for p in wide.parameters()) == pytest.approx(94e6, rel=0.01)
+    for stem in ("imagenet", "cifar"):
+        half = common.build_backbone(SimpleNamespace(arch="resnet18", width=0.5, stem=stem, img_size=32))
+        convs = [m.out_channels for m in half.modules() if isinstance(m, nn.Conv2d)]
+        assert half.conv1.out_channels == 32 and sorted(set(convs)) == [32, 64, 128, 256]
+        assert half(torch.randn(2, 3, 32, 32)).shape == (2, half.embed_dim) == (2, 256)
+    plain = common.build_backbone(SimpleNamespace(arch="resnet18", width=1.0, stem="imagenet", img_size=32))
+    reference = torchvision.models.resnet18()
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in reference.parameters()) - 513 * 1000
+    with pytest.raises(common.UserError, match="--width"):
+        common.check_args(SimpleNamespace(dataset="synthetic", arch="vit_tiny", width=0.5, amp="off", stem="auto",
+                                          img_size=32, patch_size=4))  # fmt: skip

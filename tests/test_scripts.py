@@ -174,6 +174,22 @@ def test_eval_linear_refuses_a_checkpoint_of_another_arch(trained):
     assert proc.returncode == 2 and "does not fit --arch resnet50" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_eval_linear_takes_the_width_from_the_run(tmp_path):
+    """A half-width run's backbone.pt loads with the width of its args.json; --width 1 refuses it."""
+    import eval_linear
+
+    args = SimpleNamespace(arch="resnet18", width=0.5, stem="imagenet", img_size=32)
+    torch.save(common.build_backbone(args).state_dict(), tmp_path / "backbone.pt")
+    (tmp_path / "args.json").write_text(json.dumps({**vars(args), "dataset": "synthetic", "method": "byol"}))
+    loaded = eval_linear.get_args(["--ckpt", str(tmp_path / "backbone.pt")])
+    eval_linear.resolve(loaded)
+    assert loaded.width == 0.5 and eval_linear.load_backbone(loaded).embed_dim == 256
+    wrong = eval_linear.get_args(["--ckpt", str(tmp_path / "backbone.pt"), "--width", "1"])
+    eval_linear.resolve(wrong)
+    with pytest.raises(common.UserError, match="--width"):
+        eval_linear.load_backbone(wrong)
+
+
 def test_simclr_learns_on_synthetic_data(tmp_path):
     """5 epochs (310 steps) lift k-NN top-1 clearly above the same network at random init."""
     run_script("simclr.py", *LEARN, "--epochs", 5, "--temperature", 0.2, "--knn-every", 5, "--out", tmp_path)
