@@ -91,7 +91,7 @@ def check_args(args):
             raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(choices)}")
     args.img_size = args.img_size or NATIVE_SIZE[args.dataset]
     args.patch_size = args.patch_size or (16 if args.img_size >= 160 else 8 if args.img_size > 64 else 4)
-    if getattr(args, "width", 1.0) <= 0 or (args.arch.startswith("vit") and getattr(args, "width", 1.0) != 1):
+    if args.width <= 0 or (args.arch.startswith("vit") and args.width != 1):
         raise UserError(f"--width {args.width} must be positive, and 1 for a ViT (it scales ResNets)")
     if args.arch.startswith("vit") and args.img_size % args.patch_size:
         raise UserError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
@@ -803,8 +803,8 @@ def build_backbone(args, drop_path=0.0):
     if args.arch.startswith("vit"):
         dim, depth, heads = ARCHS[args.arch]
         return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, drop_path)
-    width = getattr(args, "width", 1.0)
-    net = getattr(torchvision.models, args.arch)() if width == 1 else scaled_resnet(args.arch, width)
+    width = getattr(args, "width", 1.0)  # namespaces built by hand (tests, benches) may leave it out
+    net = getattr(torchvision.models, args.arch)() if width == 1 else scaled_resnet(args.arch, width)  # 1: torchvision as is
     if uses_cifar_stem(args):
         net.conv1, net.maxpool = nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False), nn.Identity()
     net.fc = nn.Identity()
