@@ -803,8 +803,8 @@ def build_backbone(args, drop_path=0.0):
     if args.arch.startswith("vit"):
         dim, depth, heads = ARCHS[args.arch]
         return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, drop_path)
-    width = getattr(args, "width", 1.0)  # namespaces built by hand (tests, benches) may leave it out
-    net = getattr(torchvision.models, args.arch)() if width == 1 else scaled_resnet(args.arch, width)  # 1: torchvision as is
+    width = getattr(args, "width", 1.0)  # hand-built namespaces (tests) may omit it; 1: torchvision as is
+    net = getattr(torchvision.models, args.arch)() if width == 1 else scaled_resnet(args.arch, width)
     if uses_cifar_stem(args):
         net.conv1, net.maxpool = nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False), nn.Identity()
     net.fc = nn.Identity()
