@@ -202,7 +202,37 @@ def test_simclr_learns_on_synthetic_data(tmp_path):
     assert trained > random["knn_top1"] + 10
 
 
-# (loss factor after 3 epochs); DINO has none: its loss starts at ln K and stays there for the first hundreds of steps
+# DINO on the network and recipe of the README's CIFAR run (ResNet-18 a quarter wide with the CIFAR stem, BatchNorm
+# head, no local crops, SGD), with K 256, EMA 0.9 (solo-learn's CIFAR momentum) and lr 0.3 so that 6 epochs suffice.
+DINO_LEARN = ["--dataset", "synthetic", "--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--img-size", "32",
+              "--batch", "64", "--workers", "2", "--optimizer", "sgd", "--lr", "0.3", "--wd", "5e-4", "--wd-end", "5e-4",
+              "--warmup-epochs", "1", "--aug", "simclr-cifar", "--bn-in-head", "1", "--local-crops", "0",
+              "--out-dim", "256", "--ema", "0.9"]  # fmt: skip
+
+
+def knn_with_data_bn_stats(ckpt, *flags):
+    proc = run_script("eval_linear.py", "--ckpt", ckpt, *flags, "--bn-stats", "data", "--epochs", 1, "--lr", 0.1)
+    return json.loads(proc.stdout.splitlines()[-1])["knn_top1"]
+
+
+def test_dino_learns_on_synthetic_data(tmp_path):
+    """6 epochs (372 steps) lift k-NN top-1 above the same network at random init, both scored with BatchNorm
+    statistics of the training images (eval_linear --bn-stats data), the state any trained network is in. Not
+    against the checkpoint's statistics: at random init they are the identity, and that un-normalised network
+    scores 34.5 here (15.6 normalised), a level DINO passes on cifar10-subset only after about 20 epochs (README).
+    Measured: 25.1 against 15.6 (seed 1: 34.3 against 19.1). Controls: a teacher that never moves (--ema 1) stays
+    at 15.6; without centring (--center-momentum 1) all images fall on one prototype (loss 0.00) at 20.6."""
+    run_script("dino.py", *DINO_LEARN, "--epochs", 6, "--knn-every", 0, "--out", tmp_path)
+    trained = knn_with_data_bn_stats(tmp_path / "backbone.pt", "--workers", 2)
+    random = knn_with_data_bn_stats("random", *DINO_LEARN[:10], "--workers", 2, "--out", tmp_path / "random.json")
+    losses = [r["loss"] for r in read_log(tmp_path) if "loss" in r]
+    print(f"dino k-NN top-1 (BN statistics from the data): random init {random:.1f}, trained {trained:.1f}")
+    print("dino losses:", [round(x, 2) for x in losses])
+    assert trained > random + 7
+    assert losses[-1] > 1.0  # not collapsed onto one prototype
+
+
+# (loss factor after 3 epochs)
 SLOW_STARTERS = {"byol": (["--ema", "0.99", "--mlp", "1024-256"], 0.7), "vicreg": (["--mlp", "1024-1024-1024"], 0.95)}
 
 
