@@ -18,6 +18,7 @@ epochs (paper Table 1), 72.5 after 300 (Table 5), 69.3 after 100 (VICReg's re-im
 """
 
 import argparse
+import math
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,7 @@ def get_args(argv=None):
         "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
     )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
+    p.set_defaults(method=METHOD)
     # method
     p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
     p.add_argument("--width", type=float, default=1.0, help="ResNet width multiplier (SimCLR's 2x, 4x)")
@@ -60,7 +62,7 @@ def get_args(argv=None):
     p.add_argument("--aug", default="byol", help="augmentation recipe (common.RECIPES)")
     p.add_argument("--ema", type=float, default=0.996, help="base target EMA momentum, raised to 1 by a cosine")
     p.add_argument("--mlp", default="4096-256", help="projector and predictor widths (the last is the embedding)")
-    return p.parse_args(argv)
+    return common.check_args(p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,8 +71,9 @@ def get_args(argv=None):
 
 def byol_loss(p1, p2, z1, z2):
     """Mean over the batch of (2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1)); no gradient reaches the targets z."""
-    cos = lambda p, z: F.cosine_similarity(p.float(), z.detach().float(), dim=1)  # noqa: E731
-    return (2 - 2 * cos(p1, z2) + 2 - 2 * cos(p2, z1)).mean()
+    cos_12 = F.cosine_similarity(p1.float(), z2.detach().float(), dim=1)
+    cos_21 = F.cosine_similarity(p2.float(), z1.detach().float(), dim=1)
+    return (2 - 2 * cos_12 + 2 - 2 * cos_21).mean()
 
 
 def mlp(in_dim, widths):
@@ -107,24 +110,31 @@ class BYOL(nn.Module):
 
 def main(argv=None):
     args = get_args(argv)
-    env = common.init(args, METHOD)
+    env = common.init(args, args.out)
+    peak_lr = common.scaled_lr(args, env)
     augment = common.make_views(args.aug, args.img_size)
     loader = common.train_loader(args, env, augment)
     net = BYOL(args).to(env.device)  # METHOD: the model
     backbone = net.backbone  # what the run is for: backbone.pt and the k-NN monitor
     model = common.distribute(net, args, env)
-    optimizer = common.build_optimizer(args, env, net)
+    optimizer = common.build_optimizer(args, env, net, peak_lr)
     amp, scaler = common.autocast(args, env)
     flops = common.count_step_flops(net, augment.sizes, args, env)
-    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
+    steps_per_epoch = len(loader)
+    total_steps = common.training_steps(args, steps_per_epoch, flops)
+    epochs = math.ceil(total_steps / steps_per_epoch)
     start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    common.write_args(args, env)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
-    for epoch in range(start_epoch, args.epochs):
+    log = common.TrainLog(args, env, flops, step)
+    for epoch in range(start_epoch, epochs):
         model.train()
-        for views, _ in log.epoch(loader, epoch):
-            lr = common.cosine_schedule(step, total_steps, warmup_steps, env.lr)
+        loader.sampler.set_epoch(epoch)  # the shuffle and every augmentation: functions of (seed, epoch, index)
+        for views, _ in log.progress(loader, epoch):
+            lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr)
             common.set_lr(optimizer, lr)
+            if args.gpu_aug:  # the workers only decoded: crops, colour and blur run on the training device
+                views = augment.render_on_device(views, env.device)
             views = common.to_device(views, args, env)
             with amp():
                 loss, scalars = model(views)
@@ -135,8 +145,13 @@ def main(argv=None):
             tau = 1 - common.cosine_schedule(step, total_steps, 0, 1 - args.ema)  # METHOD: EMA momentum 0.996 -> 1
             common.ema_update(net.target, [net.backbone, net.projector], tau)  # METHOD:
             step += 1
-            log.step(epoch, step, lr, loss, scalars)
-        knn = common.knn_monitor(backbone, args, env, epoch)
+            log.add(loss, scalars)
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                mean_loss = log.write_interval(epoch, step, lr)  # the loop's only host sync
+                common.check_finite(mean_loss, step)
+            if step == total_steps:  # the last step a --budget-flops run pays for
+                break
+        knn = common.knn_monitor(backbone, args, env, epoch, epochs)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
     log.finish(step)

@@ -1,10 +1,10 @@
-"""Plumbing shared by the method scripts: data, augmentations, backbones, distributed, AMP, LARS, schedules,
-FLOP counting, checkpoints, logging and the k-NN monitor. Nothing here knows which method is training."""
+"""Plumbing shared by the method scripts, in the order data flows through a run: the command line and its errors,
+processes and devices, data sets and loaders, augmentations, backbones, optimisation (LARS, schedules, EMA, FLOP
+counting), checkpoints and logs, evaluation (the k-NN monitor). Nothing here knows which method is training."""
 
 import argparse
-import collections
+import dataclasses
 import functools
-import itertools
 import json
 import math
 import os
@@ -12,6 +12,7 @@ import random
 import sys
 import time
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,9 +25,16 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+# ----------------------------------------------------------------------------------------------------------
+# Command line and errors: the flags' shared checks, and user errors as one line with exit code 2.
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": 32, "imagenet": 224, "folder": 224}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+# the output width of a ResNet; (width, depth, heads) of a ViT
+ARCHS = {"resnet18": 512, "resnet50": 2048, "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6)}
+ARCHS["vit_base"] = (768, 12, 12)
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+STEM_CHOICES = ("auto", "cifar", "imagenet")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -50,8 +58,31 @@ def run(main):
         sys.exit(130)
 
 
+def check_args(args):
+    """Refuse unknown --dataset/--arch/--amp/--stem and widths or patches that cannot work. Returns a copy of args
+    with --img-size (the data set's native size) and --patch-size (16 from 160 px, 8 above 64, else 4) filled in."""
+    choices = {"dataset": NATIVE_SIZE, "arch": ARCHS, "amp": AMP_CHOICES, "stem": STEM_CHOICES}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(allowed)}")
+    img_size = args.img_size or NATIVE_SIZE[args.dataset]
+    if args.patch_size:
+        patch_size = args.patch_size
+    elif img_size >= 160:
+        patch_size = 16
+    else:
+        patch_size = 8 if img_size > 64 else 4
+    vit = args.arch.startswith("vit")
+    if args.width <= 0 or (vit and args.width != 1):
+        raise UserError(f"--width {args.width} must be positive, and 1 for a ViT (it scales ResNets)")
+    if vit and img_size % patch_size:
+        raise UserError(f"--img-size {img_size} is not a multiple of --patch-size {patch_size}")
+    return argparse.Namespace(**{**vars(args), "img_size": img_size, "patch_size": patch_size})
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Distributed
+# Processes and devices: torchrun's process group, the device, seeds, the gather that keeps gradients, DDP and
+# torch.compile, AMP, and moving a batch onto the device.
 
 
 def rank():
@@ -83,49 +114,42 @@ def gather(x):
     return _Gather.apply(x) if world_size() > 1 else x
 
 
-def check_args(args):
-    """Refuse unknown --dataset/--arch/--amp/--stem; fill --img-size and --patch-size defaults."""
-    for name, choices in [("dataset", NATIVE_SIZE), ("arch", ARCHS), ("amp", ("auto", "bf16", "fp16", "off")),
-                          ("stem", ("auto", "cifar", "imagenet"))]:  # fmt: skip
-        if getattr(args, name) not in choices:
-            raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(choices)}")
-    args.img_size = args.img_size or NATIVE_SIZE[args.dataset]
-    args.patch_size = args.patch_size or (16 if args.img_size >= 160 else 8 if args.img_size > 64 else 4)
-    if args.width <= 0 or (args.arch.startswith("vit") and args.width != 1):
-        raise UserError(f"--width {args.width} must be positive, and 1 for a ViT (it scales ResNets)")
-    if args.arch.startswith("vit") and args.img_size % args.patch_size:
-        raise UserError(f"--img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+@dataclasses.dataclass(frozen=True)
+class Env:
+    """Where this process runs: its device, the number of processes, and its rank (rank 0 writes the files)."""
+
+    device: torch.device
+    world: int = 1
+    rank: int = 0
+
+    @property
+    def main(self):
+        return self.rank == 0
 
 
-def init(args, method):
-    """Validate the shared flags, set up processes, device, seeds and the output folder."""
-    check_args(args)
+def init(args, out_dir=None):
+    """Start this process: join torchrun's process group (NCCL on CUDA, gloo on CPU), pick the device, turn on
+    TF32 and cuDNN autotuning, seed every RNG with --seed + rank, and create out_dir when given (rank 0)."""
     cuda = torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if cuda else "gloo")
-    world = world_size()
-    if args.batch % world:
-        raise UserError(f"--batch {args.batch} is not divisible by the {world} processes; pick a multiple of {world}")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    env = Env(device, world_size(), rank())
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    seed_everything(args.seed + rank())
-    main = rank() == 0
-    if main:
+    seed_everything(args.seed + env.rank)
+    if out_dir is not None and env.main:
         try:
-            os.makedirs(args.out, exist_ok=True)
+            os.makedirs(out_dir, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create --out {args.out!r} ({e.strerror}); choose a writable folder")
-        if not os.access(args.out, os.W_OK):
-            raise UserError(f"--out {args.out!r} is not writable; choose a writable folder")
-    lr = args.lr * args.batch / 256
-    if main:
-        print(
-            f"{method}: {world} process(es) on {device}, batch {args.batch}, lr {args.lr} x {args.batch}/256 = {lr:g}"
-        )
-    return SimpleNamespace(device=device, world=world, main=main, local_batch=args.batch // world, lr=lr, method=method)
+            raise UserError(f"cannot create --out {out_dir!r} ({e.strerror}); choose a writable folder")
+        if not os.access(out_dir, os.W_OK):
+            raise UserError(f"--out {out_dir!r} is not writable; choose a writable folder")
+    if env.main:
+        print(f"{env.world} process(es) on {env.device}")
+    return env
 
 
 def seed_everything(seed):
@@ -147,19 +171,34 @@ def distribute(net, args, env):
     return torch.compile(model) if args.compile else model
 
 
+def autocast(args, env):
+    """AMP written once: returns (context factory, GradScaler). bf16 on CUDA by default, off on CPU."""
+    cuda = env.device.type == "cuda"
+    dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    amp = functools.partial(torch.autocast, env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+    return amp, torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
+
+
 def to_device(views, args, env):
-    """The loader's views on the device, normalised float32: uint8 views are normalised there, RawViews
-    (--gpu-aug) rendered there first; channels_last for ResNets."""
-    if isinstance(views, RawViews):
-        canvas, params, recipe = views
-        views = recipe.render(canvas.to(env.device, non_blocking=True), params, normalise=True)
+    """A batch's views on the device as normalised float32 (uint8 views are normalised there; float views, already
+    normalised, pass through), channels_last for ResNets."""
     fmt = torch.channels_last if args.arch.startswith("resnet") else torch.contiguous_format
     views = [v.to(env.device, non_blocking=True) for v in views]
     return [(normalize_batch(v) if v.dtype == torch.uint8 else v).contiguous(memory_format=fmt) for v in views]
 
 
+def normalize_batch(x, scaled=False):
+    """uint8 (or [0, 1] float with scaled=True) images -> float32 with the ImageNet mean and std."""
+    mean, std = x.new_tensor(IMAGENET_MEAN, dtype=torch.float32), x.new_tensor(IMAGENET_STD, dtype=torch.float32)
+    scale = 1.0 if scaled else 255.0
+    return (x.float() - mean.view(1, 3, 1, 1) * scale) / (std.view(1, 3, 1, 1) * scale)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Data
+# Data: the data sets (uint8 (3, H, W) images and int labels, -1 when unknown), the seeded per-item augmentation
+# wrapper, the epoch sampler and the training loader.
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 class SyntheticTextures(Dataset):
@@ -167,6 +206,8 @@ class SyntheticTextures(Dataset):
     grid, diagonal hatching, spokes, wavy stripes, blobs. Colours, period, phase, centre and noise are random, and
     every class looks like itself after a flip or a crop, so the label survives augmentation while colour (which
     dominates a random network's features) carries none. Image i is a pure function of (seed, i): no files."""
+
+    labelled = True
 
     def __init__(self, n, size, seed):
         self.n, self.size, self.seed = n, size, seed
@@ -188,7 +229,7 @@ class SyntheticTextures(Dataset):
         if label == 9:  # blobs: smooth noise, thresholded
             low = torch.rand(1, 1, 5, 5, generator=g)
             blobs = F.interpolate(low, size=(s, s), mode="bicubic", align_corners=False)[0, 0]
-        mask = [
+        masks = [
             lambda: torch.sin(v) > 0,
             lambda: torch.sin(u) > 0,
             lambda: torch.sin(u) * torch.sin(v) > 0,
@@ -199,17 +240,19 @@ class SyntheticTextures(Dataset):
             lambda: torch.sin(6 * torch.atan2(yy - cy, xx - cx) + phase) > 0,
             lambda: torch.sin(v + 1.5 * torch.sin(u)) > 0,
             lambda: blobs > 0.5,
-        ][label]().float()
+        ]
+        mask = masks[label]().float()
         noise = 0.06 * torch.randn(3, s, s, generator=g)
         img = bg[:, None, None] + mask * (fg - bg)[:, None, None] + noise
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), label
 
 
 class ArrayImages(Dataset):
-    """uint8 images held in memory (torchvision's CIFAR/STL arrays), returned as (3, H, W) uint8 tensors."""
+    """uint8 images held in memory (torchvision's CIFAR/STL arrays), returned as (3, H, W) uint8 tensors.
+    labelled=False for a split whose labels are not all known (STL-10's train+unlabeled)."""
 
-    def __init__(self, data, labels, channels_last):
-        self.data, self.labels, self.channels_last = data, labels, channels_last
+    def __init__(self, data, labels, channels_last, labelled=True):
+        self.data, self.labels, self.channels_last, self.labelled = data, labels, channels_last, labelled
 
     def __len__(self):
         return len(self.data)
@@ -225,12 +268,11 @@ class ImageFiles(Dataset):
     mode), never below it. Crop boxes are drawn as fractions of whatever size arrives, so the crop distribution is
     unchanged; only the resampling differs, and no crop of the whole image is ever upsampled more."""
 
-    draft_side = 0
-
-    def __init__(self, root, classes=None):
-        self.root = root
+    def __init__(self, root, classes=None, draft_side=0):
+        self.root, self.draft_side = root, draft_side
         found = sorted(d.name for d in os.scandir(root) if d.is_dir())
         self.classes = classes if classes is not None else found
+        self.labelled = bool(self.classes)
         self.samples = [
             (os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)
         ]
@@ -259,13 +301,9 @@ class ImageFiles(Dataset):
         return torch.from_numpy(img.copy()).permute(2, 0, 1), label
 
 
-def has_labels(dataset):
-    return bool(getattr(dataset, "labelled", True))
-
-
-def build_dataset(args, split):
-    """The raw dataset of uint8 (3, H, W) images and int labels (-1 when unknown) for split train|test|memory.
-    'memory' is the labelled training data used as the k-NN memory bank."""
+def build_dataset(args, split, draft_side=0):
+    """The raw dataset for split train|test|memory ('memory': the labelled training data, the k-NN memory bank);
+    None for a test split that does not exist. draft_side: see ImageFiles."""
     name, root = args.dataset, args.data
     if name == "synthetic":
         test = split == "test"  # the test images come from another seed
@@ -276,13 +314,10 @@ def build_dataset(args, split):
         train_dir = os.path.join(root, "train")
         if not os.path.isdir(train_dir):
             raise UserError(f"{root} has no train/ folder; expected {root}/train/ (and {root}/val/ or {root}/test/)")
-        train = ImageFiles(train_dir)
-        if split != "test":
-            ds = train
-            ds.labelled = bool(train.classes)
-        else:
+        ds = ImageFiles(train_dir, draft_side=draft_side)
+        if split == "test":
             test_dir = next((d for d in (f"{root}/val", f"{root}/test") if os.path.isdir(d)), None)
-            ds = ImageFiles(test_dir, classes=train.classes) if test_dir and train.classes else None
+            ds = ImageFiles(test_dir, classes=ds.classes) if test_dir and ds.classes else None
     else:
         ds = torchvision_dataset(name, root or "data", split)
     if ds is not None and split == "train" and args.subset:
@@ -306,9 +341,7 @@ def torchvision_dataset(name, root, split):
                 if name == "stl10":
                     stl_split = {"train": "train+unlabeled", "memory": "train", "test": "test"}[split]
                     ds = torchvision.datasets.STL10(root, split=stl_split, download=download)
-                    out = ArrayImages(ds.data, ds.labels, channels_last=False)
-                    out.labelled = split != "train"
-                    return out
+                    return ArrayImages(ds.data, ds.labels, channels_last=False, labelled=split != "train")
                 cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
                 ds = cls(root, train=train, download=download)
                 return ArrayImages(ds.data, ds.targets, channels_last=True)
@@ -336,8 +369,10 @@ class Augmented(Dataset):
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one image's tensors are tiny: in the main process (--workers 0) a thread pool
-        try:  # costs 5-15x the work itself (loader workers already run on one thread)
+        # One image's tensors are tiny: in the main process (--workers 0) a thread pool costs 5-15x the work itself
+        # (loader workers already run on one thread).
+        torch.set_num_threads(1)
+        try:
             img, label = self.base[i]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i)
@@ -366,19 +401,23 @@ class EpochSampler(Sampler):
 
 
 def train_loader(args, env, views):
-    """Batches of (views, labels): uint8 views rendered in the workers, or RawViews to render in to_device."""
-    images = build_dataset(args, "train")
-    if isinstance(getattr(images, "dataset", images), ImageFiles):  # a --subset wraps it
-        getattr(images, "dataset", images).draft_side = max(views.sizes)
+    """Batches of (views, labels) for this process (--batch / processes images each): uint8 views rendered in the
+    workers, or with --gpu-aug RawViews that Views.render_on_device renders on the training device."""
+    if args.batch % env.world:
+        raise UserError(
+            f"--batch {args.batch} is not divisible by the {env.world} processes; pick a multiple of {env.world}"
+        )
+    local_batch = args.batch // env.world
+    images = build_dataset(args, "train", draft_side=max(views.sizes))
     dataset = Augmented(images, views.draw, args.seed)
-    sampler = EpochSampler(len(dataset), args.seed, env.local_batch)
+    sampler = EpochSampler(len(dataset), args.seed, local_batch)
     if len(sampler) == 0:
         raise UserError(f"{len(dataset)} training images do not make one batch of {args.batch}; lower --batch")
     workers = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=env.device.type == "cuda")
     own = torch.Generator().manual_seed(args.seed)  # worker seeds must not draw from the global RNG
     collate = views.collate_raw if args.gpu_aug else views.collate
     return DataLoader(
-        dataset, env.local_batch, sampler=sampler, drop_last=True, generator=own, collate_fn=collate, **workers
+        dataset, local_batch, sampler=sampler, drop_last=True, generator=own, collate_fn=collate, **workers
     )
 
 
@@ -389,21 +428,37 @@ def train_loader(args, env, views):
 # CPU tensors, or with --gpu-aug on the training device. The image is decoded once and every crop is cut from
 # it; pixels cross processes and the host-device link as uint8 and are normalised in to_device.
 
+# One view's parameters are a float row with these columns (COL.<name> is each one's index).
 FIELDS = ("top", "left", "height", "width", "flip", "jitter", "brightness", "contrast", "saturation", "hue")
 FIELDS += ("order0", "order1", "order2", "order3", "gray", "blur", "sigma", "solarize", "noise", "seed")
-COL = SimpleNamespace(**{name: i for i, name in enumerate(FIELDS)})  # column of each parameter
+COL = SimpleNamespace(**{name: i for i, name in enumerate(FIELDS)})
+COL.order = slice(COL.order0, COL.order3 + 1)  # ColorJitter's random order of the four ops
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
+# The uniforms one view's draw consumes, by name: 22 for the crop (ten tries of an area and an aspect, then the
+# position), then one per decision. One draw of all 36 keeps a loader worker's per-item work cheap. A noise view
+# draws no crop: it takes its noise seed from the first uniform.
+UNIFORMS = dict(crop=slice(0, 22), noise_seed=0, flip=22, jitter=23, gray=24, blur=25, order=slice(26, 30),
+                factors=slice(30, 33), hue=33, sigma=34, solarize=35)  # fmt: skip
+UNIFORMS_PER_VIEW = 36
 
-class ViewSpec(SimpleNamespace):
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
     """One view of a recipe: random resized crop (area `scale`, aspect `ratio`), flip, colour jitter (brightness,
     contrast, saturation, hue in a random order, with probability jitter_p), grayscale, Gaussian blur (sigma
     0.1-2, kernel 10% of the side), solarize; `noise` > 0: the whole image plus Gaussian pixel noise instead."""
 
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-                 gray_p=0.2, blur_p=0.0, solarize_p=0.0, flip_p=0.5, noise=0.0):  # fmt: skip
-        super().__init__(size=size, scale=scale, ratio=ratio, jitter=jitter, jitter_p=jitter_p, gray_p=gray_p,
-                         blur_p=blur_p, solarize_p=solarize_p, flip_p=flip_p, noise=noise)  # fmt: skip
+    size: int
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    flip_p: float = 0.5
+    noise: float = 0.0
 
 
 def crop_box(h, w, scale, ratio, u):
@@ -427,24 +482,25 @@ def crop_box(h, w, scale, ratio, u):
 
 
 def draw_params(spec, h, w):
-    """One view's parameters for an (h, w) image, a float row in FIELDS order, from the global torch RNG (one
-    draw of 36 uniforms and Python arithmetic: cheap enough for the per-item work of a loader worker)."""
-    u = torch.rand(36, dtype=torch.float64).tolist()
-    row = [0.0] * len(FIELDS)
+    """One view's parameters for an (h, w) image, a float row in FIELDS order, from the global torch RNG."""
+    draws = torch.rand(UNIFORMS_PER_VIEW, dtype=torch.float64).tolist()
+    u = {name: draws[where] for name, where in UNIFORMS.items()}
+    row = dict.fromkeys(FIELDS, 0.0)
     if spec.noise:  # the whole image resized (shorter side) and centre-cropped: its central square
         side = min(h, w)
-        row[: COL.flip] = [(h - side) // 2, (w - side) // 2, side, side]
-        row[COL.noise], row[COL.seed] = spec.noise, int(u[0] * 2**24)
-        return torch.tensor(row, dtype=torch.float32)
-    b, c, s, hue = spec.jitter
-    row[: COL.flip] = crop_box(h, w, spec.scale, spec.ratio, u[:22])
-    row[COL.flip], row[COL.jitter] = u[22] < spec.flip_p, u[23] < spec.jitter_p
-    factors = [1 + x * (2 * v - 1) for x, v in zip((b, c, s), u[30:33])]  # uniform in [1 - x, 1 + x]
-    row[COL.brightness : COL.order0] = factors + [hue * (2 * u[33] - 1)]
-    row[COL.order0 : COL.gray] = sorted(range(4), key=lambda i: u[26 + i])  # ColorJitter's random order
-    row[COL.gray], row[COL.blur], row[COL.sigma] = u[24] < spec.gray_p, u[25] < spec.blur_p, 0.1 + 1.9 * u[34]
-    row[COL.solarize] = u[35] < spec.solarize_p
-    return torch.tensor(row, dtype=torch.float32)
+        row.update(top=(h - side) // 2, left=(w - side) // 2, height=side, width=side)
+        row.update(noise=spec.noise, seed=int(u["noise_seed"] * 2**24))
+    else:
+        row.update(zip(("top", "left", "height", "width"), crop_box(h, w, spec.scale, spec.ratio, u["crop"])))
+        row.update(flip=u["flip"] < spec.flip_p, jitter=u["jitter"] < spec.jitter_p)
+        b, c, s, hue = spec.jitter
+        factors = [1 + x * (2 * v - 1) for x, v in zip((b, c, s), u["factors"])]  # uniform in [1 - x, 1 + x]
+        row.update(zip(("brightness", "contrast", "saturation"), factors))
+        row.update(hue=hue * (2 * u["hue"] - 1))
+        row.update(zip(("order0", "order1", "order2", "order3"), sorted(range(4), key=lambda i: u["order"][i])))
+        row.update(gray=u["gray"] < spec.gray_p, blur=u["blur"] < spec.blur_p, sigma=0.1 + 1.9 * u["sigma"])
+        row.update(solarize=u["solarize"] < spec.solarize_p)
+    return torch.tensor([float(row[name]) for name in FIELDS], dtype=torch.float32)
 
 
 BLUR_TAPS_MAX = 13  # +-3 sigma at the largest sigma (2): wider kernels only add weights below 0.3% of the mass
@@ -505,7 +561,7 @@ def jitter_runs(host_p):
     """Order rows by colour-jitter order (ColorJitter draws one of 24 per image; unjittered rows first) so that
     each op runs on a contiguous slice. Returns the permutation and, in the sorted rows, [(start, end, order)]
     of the jittered runs."""
-    order = host_p[:, COL.order0 : COL.gray].long()
+    order = host_p[:, COL.order].long()
     key = torch.where(host_p[:, COL.jitter].bool(), 1 + order @ torch.tensor([64, 16, 4, 1]), 0)
     perm = key.argsort(stable=True)
     values, counts = torch.unique_consecutive(key[perm], return_counts=True)
@@ -542,6 +598,22 @@ def cut_crops(images, p, size):
         crop = img[None, :, top : top + h, left : left + w]
         crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
     return torch.cat(crops).float() / 255
+
+
+def pixel_noise(rows, like):
+    """Gaussian noise for the views with a noise level, each from its own seed (so it is the same on any device)."""
+    noise = torch.zeros(like.shape)
+    for j in rows[:, COL.noise].nonzero()[:, 0].tolist():
+        noise[j] = torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(int(rows[j, COL.seed])))
+    return noise.to(like.device)
+
+
+class RawViews(NamedTuple):
+    """What the loader yields with --gpu-aug: the decoded images on one uint8 canvas (top-left aligned) and their
+    parameters (N, V, F). A NamedTuple, so that pin_memory copies its tensors."""
+
+    canvas: torch.Tensor
+    params: torch.Tensor
 
 
 class Views:
@@ -584,42 +656,27 @@ class Views:
 
     def collate(self, batch):
         """Loader workers: [((image, params), label)] -> (views, labels), the views rendered on this CPU."""
-        (images, params), labels = zip(*[item for item, _ in batch]), torch.tensor([label for _, label in batch])
+        images, params = zip(*[item for item, _ in batch])
+        labels = torch.tensor([label for _, label in batch])
         return self.render(list(images), torch.stack(params)), labels
 
     def collate_raw(self, batch):
-        """--gpu-aug: the decoded images on one uint8 canvas (top-left aligned) and the parameters; to_device
-        renders them on the training device."""
+        """--gpu-aug: the decoded images on one uint8 canvas and the parameters, for render_on_device."""
         images, params = zip(*[item for item, _ in batch])
         h, w = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
         canvas = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)
         for c, img in zip(canvas, images):
             c[:, : img.shape[1], : img.shape[2]] = img
-        return RawViews(canvas, torch.stack(params), self), torch.tensor([label for _, label in batch])
+        return RawViews(canvas, torch.stack(params)), torch.tensor([label for _, label in batch])
+
+    def render_on_device(self, raw, device):
+        """--gpu-aug: a loader's RawViews rendered on the training device, normalised float32 views."""
+        return self.render(raw.canvas.to(device, non_blocking=True), raw.params, normalise=True)
 
     def __call__(self, img):
         """One image's views, normalised float (3, S, S) each."""
         img, params = self.draw(img)
         return [v[0] for v in self.render([img], params[None], normalise=True)]
-
-
-# What the loader yields with --gpu-aug (a namedtuple, so pin_memory copies its tensors): to_device renders it.
-RawViews = collections.namedtuple("RawViews", "canvas params views")
-
-
-def pixel_noise(rows, like):
-    """Gaussian noise for the views with a noise level, each from its own seed (so it is the same on any device)."""
-    noise = torch.zeros(like.shape)
-    for j in rows[:, COL.noise].nonzero()[:, 0].tolist():
-        noise[j] = torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(int(rows[j, COL.seed])))
-    return noise.to(like.device)
-
-
-def normalize_batch(x, scaled=False):
-    """uint8 (or [0, 1] float with scaled=True) images -> float32 with the ImageNet mean and std."""
-    mean, std = x.new_tensor(IMAGENET_MEAN, dtype=torch.float32), x.new_tensor(IMAGENET_STD, dtype=torch.float32)
-    scale = 1.0 if scaled else 255.0
-    return (x.float() - mean.view(1, 3, 1, 1) * scale) / (std.view(1, 3, 1, 1) * scale)
 
 
 def two_views(size, **spec):
@@ -676,25 +733,8 @@ def make_views(name, size, views=2, local_crops=0, patch=1):
     return Views([recipe.specs[i] for i in picks])
 
 
-def save_image_grid(rows, path):
-    """Write normalised (N, 3, H, W) image batches as the rows of a PNG grid, atomically."""
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    images = torch.cat([row.detach().float().cpu() * std + mean for row in rows]).clamp(0, 1)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    torchvision.utils.save_image(images, tmp, nrow=len(rows[0]), padding=1)
-    os.replace(tmp, path)
-
-
-def eval_transform(size):
-    """Resize (to size/0.875 above 64 px, the usual 256->224 center crop) and center crop; uint8 (to_device
-    normalises)."""
-    resize = size if size <= 64 else round(size / 0.875)
-    bicubic = v2.InterpolationMode.BICUBIC
-    return v2.Compose([v2.Resize(resize, interpolation=bicubic, antialias=True), v2.CenterCrop(size)])
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Backbones
+# Backbones: torchvision's ResNets (any width, either stem) and a pre-norm ViT with timm's parameter names.
 
 
 def drop_path(x, p, training):
@@ -779,20 +819,6 @@ class VisionTransformer(nn.Module):
         return self.encode(self.embed(x))[:, 0]
 
 
-# output width of a ResNet; (width, depth, heads) of a ViT
-def sincos_pos_embed(dim, grid):
-    """Fixed 2-D sine-cosine position embeddings (1, 1 + grid**2, dim) as MAE's code: the first half of the
-    channels encodes the column, the second the row; the [CLS] row is zero."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    table = torch.cat([f(t.reshape(-1, 1) * omega) for t in (cols, rows) for f in (torch.sin, torch.cos)], 1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()[None]
-
-
-ARCHS = {"resnet18": 512, "resnet50": 2048, "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6)}
-ARCHS["vit_base"] = (768, 12, 12)
-
-
 def uses_cifar_stem(args):
     return args.stem == "cifar" or (args.stem == "auto" and args.img_size <= 64)
 
@@ -803,8 +829,7 @@ def build_backbone(args, drop_path=0.0):
     if args.arch.startswith("vit"):
         dim, depth, heads = ARCHS[args.arch]
         return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, drop_path)
-    width = getattr(args, "width", 1.0)  # hand-built namespaces (tests) may omit it; 1: torchvision as is
-    net = getattr(torchvision.models, args.arch)() if width == 1 else scaled_resnet(args.arch, width)
+    net = getattr(torchvision.models, args.arch)() if args.width == 1 else scaled_resnet(args.arch, args.width)
     if uses_cifar_stem(args):
         net.conv1, net.maxpool = nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False), nn.Identity()
     net.fc = nn.Identity()
@@ -829,7 +854,7 @@ def scaled_resnet(arch, width):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimisation
+# Optimisation: LARS, the optimizers, the scaled learning rate, schedules, the EMA, and a step's FLOPs.
 
 
 class LARS(torch.optim.Optimizer):
@@ -857,17 +882,26 @@ class LARS(torch.optim.Optimizer):
                 p.add_(self.state[p]["mu"], alpha=-group["lr"])
 
 
-def build_optimizer(args, env, model, betas=(0.9, 0.999)):
-    """LARS (handles 1-D exclusion itself), or SGD/AdamW with no weight decay on 1-D parameters."""
+def scaled_lr(args, env):
+    """The peak learning rate: --lr is per 256 images, scaled linearly with the global batch (the papers' rule)."""
+    lr = args.lr * args.batch / 256
+    if env.main:
+        print(f"lr {args.lr} x {args.batch}/256 = {lr:g}")
+    return lr
+
+
+def build_optimizer(args, env, model, lr, betas=(0.9, 0.999)):
+    """LARS (handles 1-D exclusion itself), or SGD/AdamW with no weight decay on 1-D parameters; group 0 holds the
+    decayed weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "lars":
-        return LARS(params, lr=env.lr, weight_decay=args.wd)
+        return LARS(params, lr=lr, weight_decay=args.wd)
     decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=env.lr, momentum=0.9)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=env.lr, betas=betas, fused=env.device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=env.device.type == "cuda")
     raise UserError(f"unknown --optimizer {args.optimizer!r}; choose from lars, sgd, adamw")
 
 
@@ -897,18 +931,11 @@ def ema_update(target, online, momentum):
             t.copy_(o)
 
 
-def autocast(args, env):
-    """AMP written once: returns (context factory, GradScaler). bf16 on CUDA by default, off on CPU."""
-    cuda = env.device.type == "cuda"
-    dtype = {"auto": torch.bfloat16 if cuda else None, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    amp = functools.partial(torch.autocast, env.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-    return amp, torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
-
-
 def count_step_flops(net, sizes, args, env):
     """FLOPs of one training step (forward and backward, every view) summed over the processes, counted once on
     blank views of the given sides. Buffers (BN statistics, centers) and RNG are restored afterwards."""
-    views = to_device([torch.zeros(env.local_batch, 3, s, s, device=env.device) for s in sizes], args, env)
+    local_batch = args.batch // env.world
+    views = to_device([torch.zeros(local_batch, 3, s, s, device=env.device) for s in sizes], args, env)
     return flop_count(net, views) * env.world
 
 
@@ -923,8 +950,20 @@ def flop_count(net, views):
     return counter.get_total_flops()
 
 
+def training_steps(args, steps_per_epoch, flops_per_step):
+    """The run's length in optimizer steps: --epochs of them, or with --budget-flops as many as the budget pays
+    for, so that the schedules span exactly those steps."""
+    if not args.budget_flops:
+        return args.epochs * steps_per_epoch
+    steps = int(args.budget_flops // flops_per_step)
+    if steps < 1:
+        raise UserError(f"--budget-flops {args.budget_flops:g} buys no step ({flops_per_step:.3g} FLOPs per step)")
+    return steps
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints and logging
+# Checkpoints and logs: atomic writes, save and resume, args.json, log.jsonl with its progress bar, the
+# non-finite-loss stop, and summary.json.
 
 
 def write_json(path, obj):
@@ -932,11 +971,12 @@ def write_json(path, obj):
         json.dump(obj, f, indent=1, default=str)
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file in the same folder, flush to disk, then rename: a kill leaves the old file."""
+def atomic_save(obj, path, save=torch.save):
+    """save(obj, file) to a temporary file in the same folder, flush to disk, then rename: a kill leaves the old
+    file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -953,37 +993,33 @@ def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone):
         dist.all_gather_object(rngs, rng)
     if not env.main:
         return
-    state = dict(method=env.method, arch=args.arch, img_size=args.img_size, epoch=epoch, step=step, rng=rngs)
+    state = dict(method=args.method, arch=args.arch, img_size=args.img_size, epoch=epoch, step=step, rng=rngs)
     state.update(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
     atomic_save(backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
 
 
 def resume(args, env, net, optimizer, scaler):
-    """Load checkpoint.pt from --out if there is one, refusing another method's or arch's; then write args.json.
-    Returns (first epoch to train, global step)."""
-    path, state = os.path.join(args.out, "checkpoint.pt"), None
+    """Load checkpoint.pt from --out if there is one (refusing another method's, arch's or image size's) into the
+    model, optimizer, GradScaler and RNGs. Returns (first epoch to train, global step): (0, 0) for a new run."""
+    path = os.path.join(args.out, "checkpoint.pt")
     for name in os.listdir(args.out) if env.main else []:  # half-written files of a killed run
         if ".pt.tmp" in name:
             os.remove(os.path.join(args.out, name))
-    if os.path.exists(path):
-        try:
-            state = torch.load(path, map_location=env.device, weights_only=False)
-        except Exception as e:
-            raise UserError(f"{path} is not a readable checkpoint ({e}); move it away to start afresh") from None
-        for key, want in [("method", env.method), ("arch", args.arch), ("img_size", args.img_size)]:
-            if state.get(key) != want:
-                found = f"{key} {state.get(key)!r} run, not {want!r}"
-                raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
-    if env.main:
-        write_json(os.path.join(args.out, "args.json"), {"method": env.method, **vars(args)})
-        truncate_log(os.path.join(args.out, "log.jsonl"), state["step"] if state else 0)
-    if state is None:
+    if not os.path.exists(path):
         return 0, 0
+    try:
+        state = torch.load(path, map_location=env.device, weights_only=False)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({e}); move it away to start afresh") from None
+    for key, want in [("method", args.method), ("arch", args.arch), ("img_size", args.img_size)]:
+        if state.get(key) != want:
+            found = f"{key} {state.get(key)!r} run, not {want!r}"
+            raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][rank()] if len(state["rng"]) == env.world else None  # another world size: fresh seeds
+    rng = state["rng"][env.rank] if len(state["rng"]) == env.world else None  # another world size: fresh seeds
     if rng is not None:
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])
@@ -993,6 +1029,12 @@ def resume(args, env, net, optimizer, scaler):
     if env.main:
         print(f"resumed from {path} at epoch {state['epoch'] + 1}")
     return state["epoch"] + 1, state["step"]
+
+
+def write_args(args, env):
+    """args.json: every argument after defaults (rank 0)."""
+    if env.main:
+        write_json(os.path.join(args.out, "args.json"), vars(args))
 
 
 def read_log(path):
@@ -1009,21 +1051,8 @@ def read_log(path):
     return records
 
 
-def training_steps(args, steps_per_epoch, flops_per_step):
-    """The run's length in optimizer steps: --epochs of them, or with --budget-flops as many as the budget pays
-    for, so that the schedules span exactly those steps (and --epochs becomes the number of epochs they touch)."""
-    if not args.budget_flops:
-        return args.epochs * steps_per_epoch
-    steps = int(args.budget_flops // flops_per_step)
-    if steps < 1:
-        raise UserError(f"--budget-flops {args.budget_flops:g} buys no step ({flops_per_step:.3g} FLOPs per step)")
-    args.epochs = -(-steps // steps_per_epoch)
-    return steps
-
-
 def truncate_log(path, step):
-    """Drop the records a killed run logged after its last checkpoint, so that the log of a resumed run reads as
-    the log of one uninterrupted run."""
+    """Drop the records logged after `step`, the checkpoint's."""
     kept = [record for record in read_log(path) if record["step"] <= step]
     with open(f"{path}.tmp", "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in kept)
@@ -1031,20 +1060,47 @@ def truncate_log(path, step):
 
 
 class TrainLog:
-    """log.jsonl on rank 0 and a tqdm bar per epoch. Losses accumulate on the device; the host reads them only
-    every `every` steps, so the training loop has no per-step synchronisation. Each record carries the training
-    wall time so far ("time", seconds, summed over resumed runs); finish() writes summary.json."""
+    """log.jsonl on rank 0 and a tqdm bar per epoch, continued at `step`: the records a killed run logged after its
+    last checkpoint are dropped, so the log of a resumed run reads as the log of one uninterrupted run. Losses
+    accumulate on the device (add); the host reads them only when an interval is written (write_interval), so the
+    training loop has no per-step synchronisation. Each record carries the training wall time so far ("time",
+    seconds, summed over resumed runs); finish() writes summary.json."""
 
-    def __init__(self, args, env, flops_per_step, steps_per_epoch, total_steps):
-        self.args, self.env, self.every, self.flops_per_step = args, env, args.log_every, flops_per_step
-        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
-        self.bar, self.loss_sum, self.count = None, 0.0, 0
+    def __init__(self, args, env, flops_per_step, step):
+        self.args, self.env, self.flops_per_step = args, env, flops_per_step
+        self.bar, self.loss_sum, self.scalars, self.count = None, 0.0, {}, 0
         self.path = os.path.join(args.out, "log.jsonl")
-        records = read_log(self.path) if env.main else []  # a resumed run's log, already truncated
+        records = []
+        if env.main:
+            truncate_log(self.path, step)
+            records = read_log(self.path)
         self.tick = time.perf_counter()
         self.elapsed = records[-1].get("time", 0.0) if records else 0.0  # training wall time at the last record
         self.start = self.tick - self.elapsed
         self.knn_top1 = next((r["knn_top1"] for r in reversed(records) if "knn_top1" in r), None)
+
+    def progress(self, loader, epoch):
+        """The loader's batches with a progress bar (rank 0)."""
+        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.env.main, leave=False, dynamic_ncols=True)
+        return self.bar
+
+    def add(self, loss, scalars):
+        """Accumulate one step's loss on the device (no host sync); keep the step's method scalars."""
+        self.loss_sum, self.count, self.scalars = self.loss_sum + loss.detach(), self.count + 1, scalars
+
+    def write_interval(self, epoch, step, lr):
+        """Write the interval's record (mean loss, lr, images/s, FLOPs so far, the last step's scalars) and return
+        its mean loss: the loop's only host sync, once per interval."""
+        mean_loss = float(self.loss_sum) / self.count
+        now = time.perf_counter()
+        img_per_s = self.count * self.args.batch / (now - self.tick)
+        record = dict(epoch=epoch, step=step, loss=mean_loss, lr=lr, img_per_s=img_per_s)
+        record.update(flops=step * self.flops_per_step, **{k: float(v) for k, v in self.scalars.items()})
+        self.tick, self.loss_sum, self.count = now, 0.0, 0
+        self.write(record)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{img_per_s:.0f}")
+        return mean_loss
 
     def write(self, record):
         self.knn_top1 = record.get("knn_top1", self.knn_top1)
@@ -1053,44 +1109,33 @@ class TrainLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps({**record, "time": self.elapsed}) + "\n")
 
-    def epoch(self, loader, epoch):
-        """This epoch's batches, stopping at the run's last step (a --budget-flops run may end mid-epoch)."""
-        loader.sampler.set_epoch(epoch)
-        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-        self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.env.main, leave=False, dynamic_ncols=True)
-        return itertools.islice(self.bar, steps)
-
     def finish(self, step):
         """summary.json: what the run cost and what it reached, for comparisons at equal compute."""
         if not self.env.main:
             return
-        summary = dict(method=self.env.method, arch=self.args.arch, flops=step * self.flops_per_step, steps=step,
-                       images_seen=step * self.args.batch, wall_time_s=self.elapsed,
-                       knn_top1=self.knn_top1)  # fmt: skip
+        summary = dict(method=self.args.method, arch=self.args.arch, flops=step * self.flops_per_step, steps=step)
+        summary.update(images_seen=step * self.args.batch, wall_time_s=self.elapsed, knn_top1=self.knn_top1)
         write_json(os.path.join(self.args.out, "summary.json"), summary)
 
-    def step(self, epoch, step, lr, loss, scalars):
-        self.loss_sum, self.count = self.loss_sum + loss.detach(), self.count + 1
-        if step % self.every and step % self.steps_per_epoch and step != self.total_steps:
-            return
-        mean_loss = float(self.loss_sum) / self.count  # the only host sync, once per interval
-        if not math.isfinite(mean_loss):
-            advice = "lower --lr, or try --amp off; the last good checkpoint is kept"
-            raise UserError(f"loss became {mean_loss} by step {step}: {advice}")
-        now = time.perf_counter()
-        img_per_s = self.count * self.args.batch / (now - self.tick)
-        record = dict(
-            epoch=epoch, step=step, loss=mean_loss, lr=lr, img_per_s=img_per_s, flops=step * self.flops_per_step
-        )
-        record.update({k: float(v) for k, v in scalars.items()})
-        self.tick, self.loss_sum, self.count = now, 0.0, 0
-        self.write(record)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{record['img_per_s']:.0f}")
+
+def check_finite(loss, step):
+    """Stop the run on a NaN or infinite loss, before the next checkpoint: the last good one stays."""
+    if not math.isfinite(loss):
+        advice = "lower --lr, or try --amp off; the last good checkpoint is kept"
+        raise UserError(f"loss became {loss} by step {step}: {advice}")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# k-NN evaluation
+# Evaluation: the center-crop transform, features of a data set over the processes, the weighted k-NN
+# classifier, and the k-NN monitor that runs during training.
+
+
+def eval_transform(size):
+    """Resize (to size/0.875 above 64 px, the usual 256->224 center crop) and center crop; uint8 (to_device
+    normalises)."""
+    resize = size if size <= 64 else round(size / 0.875)
+    bicubic = v2.InterpolationMode.BICUBIC
+    return v2.Compose([v2.Resize(resize, interpolation=bicubic, antialias=True), v2.CenterCrop(size)])
 
 
 @torch.no_grad()
@@ -1134,14 +1179,15 @@ def knn_predict(train_feats, train_labels, test_feats, k=20, temperature=0.07, c
     return torch.cat(preds)
 
 
-def knn_monitor(backbone, args, env, epoch):
-    """k-NN top-1 every --knn-every epochs and after the last one; {} otherwise or without labels."""
-    if not args.knn_every or ((epoch + 1) % args.knn_every and epoch + 1 != args.epochs):
+def knn_monitor(backbone, args, env, epoch, epochs):
+    """k-NN top-1 every --knn-every epochs and after the last of `epochs`; {} otherwise or without labels."""
+    last = epoch + 1 == epochs
+    if not args.knn_every or ((epoch + 1) % args.knn_every and not last):
         return {}
     knn = knn_eval(backbone, args, env)
     if knn and env.main:
         print(f"epoch {epoch}: k-NN top-1 {knn['knn_top1']:.2f}")
-    elif env.main and epoch + 1 == args.epochs:
+    elif env.main and last:
         print("k-NN monitor skipped: the data set has no labelled train/ and val/ (or test/)")
     return knn or {}
 
@@ -1155,7 +1201,7 @@ def knn_eval(backbone, args, env, ks=(20, 200)):
 def labelled_splits(args, subset=0):
     """(labelled training split, optionally a random subset of it; test split), or None without labels."""
     memory, test = build_dataset(args, "memory"), build_dataset(args, "test")
-    if test is None or not has_labels(memory):
+    if test is None or not memory.labelled:
         return None
     return (random_subset(memory, subset, args.seed) if subset else memory), test
 

@@ -18,6 +18,7 @@ layer frozen in epoch 0. Exported: the teacher. ImageNet ViT-S/16 k-NN 74.5, lin
 """
 
 import argparse
+import math
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,7 @@ def get_args(argv=None):
         "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
     )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
+    p.set_defaults(method=METHOD)
     # method
     p.add_argument("--arch", default="vit_small", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
     p.add_argument("--width", type=float, default=1.0, help="ResNet width multiplier (SimCLR's 2x, 4x)")
@@ -73,7 +75,7 @@ def get_args(argv=None):
     p.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher's center")
     p.add_argument("--clip-grad", type=float, default=3.0, help="clip each parameter's gradient norm (0: off)")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the last layer is frozen")
-    return p.parse_args(argv)
+    return common.check_args(p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -119,7 +121,8 @@ class DINOHead(nn.Module):
         super().__init__()
         self.mlp = mlp(in_dim, [int(w) for w in args.mlp.split("-")], args.bn_in_head)
         for layer in [m for m in self.mlp if isinstance(m, nn.Linear)]:  # the official init
-            nn.init.trunc_normal_(layer.weight, std=0.02), nn.init.zeros_(layer.bias)
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(layer.out_features, args.out_dim, bias=False))
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)  # each prototype's norm g: 1,
         self.last_layer.parametrizations.weight.original0.requires_grad_(not args.norm_last_layer)  # frozen by default
@@ -156,35 +159,43 @@ class DINO(nn.Module):
 
 def main(argv=None):
     args = get_args(argv)
-    env = common.init(args, METHOD)
+    env = common.init(args, args.out)
+    peak_lr = common.scaled_lr(args, env)
     augment = common.make_views(args.aug, args.img_size, 0, args.local_crops, args.patch_size)  # METHOD: all crops
     loader = common.train_loader(args, env, augment)
     net = DINO(args).to(env.device)  # METHOD: the model
     backbone = net.teacher[0]  # METHOD: the teacher's backbone is the result
     model = common.distribute(net, args, env)
-    optimizer = common.build_optimizer(args, env, net)
+    optimizer = common.build_optimizer(args, env, net, peak_lr)
     amp, scaler = common.autocast(args, env)
     flops = common.count_step_flops(net, augment.sizes, args, env)
-    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
+    steps_per_epoch = len(loader)
+    total_steps = common.training_steps(args, steps_per_epoch, flops)
+    epochs = math.ceil(total_steps / steps_per_epoch)
     start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    common.write_args(args, env)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
-    for epoch in range(start_epoch, args.epochs):
+    log = common.TrainLog(args, env, flops, step)
+    for epoch in range(start_epoch, epochs):
         model.train()
+        loader.sampler.set_epoch(epoch)  # the shuffle and every augmentation: functions of (seed, epoch, index)
         net.teacher_temp = teacher_temperature(args, epoch)  # METHOD:
-        for views, _ in log.epoch(loader, epoch):
-            lr = common.cosine_schedule(step, total_steps, warmup_steps, env.lr, 1e-6)  # METHOD: min lr 1e-6
+        for views, _ in log.progress(loader, epoch):
+            lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr, 1e-6)  # METHOD: min lr 1e-6
             wd = common.cosine_schedule(step, total_steps, 0, args.wd, args.wd_end)  # METHOD: 0.04 -> 0.4
             optimizer.param_groups[0]["weight_decay"] = wd  # METHOD: group 0 holds the decayed weights
             common.set_lr(optimizer, lr)
+            if args.gpu_aug:  # the workers only decoded: crops, colour and blur run on the training device
+                views = augment.render_on_device(views, env.device)
             views = common.to_device(views, args, env)
             with amp():
                 loss, scalars = model(views)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # METHOD: clip the true gradients
-            for p in net.parameters() if args.clip_grad else []:  # METHOD: each tensor on its own, as the official code
-                torch.nn.utils.clip_grad_norm_(p, args.clip_grad)  # METHOD:
+            if args.clip_grad:  # METHOD: each tensor on its own, as the official code
+                for p in net.parameters():  # METHOD:
+                    torch.nn.utils.clip_grad_norm_(p, args.clip_grad)  # METHOD:
             if epoch < args.freeze_last_layer:  # METHOD: the last layer learns from epoch 1 on
                 net.head.last_layer.zero_grad(set_to_none=True)  # METHOD:
             scaler.step(optimizer)
@@ -192,8 +203,13 @@ def main(argv=None):
             tau = 1 - common.cosine_schedule(step, total_steps, 0, 1 - args.ema)  # METHOD: EMA momentum 0.996 -> 1
             common.ema_update(net.teacher, [net.backbone, net.head], tau)  # METHOD:
             step += 1
-            log.step(epoch, step, lr, loss, scalars)
-        knn = common.knn_monitor(backbone, args, env, epoch)
+            log.add(loss, scalars)
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                mean_loss = log.write_interval(epoch, step, lr)  # the loop's only host sync
+                common.check_finite(mean_loss, step)
+            if step == total_steps:  # the last step a --budget-flops run pays for
+                break
+        knn = common.knn_monitor(backbone, args, env, epoch, epochs)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
     log.finish(step)

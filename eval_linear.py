@@ -22,7 +22,6 @@ The last line printed is a JSON object with linear_top1 and knn_top1 (%); it is 
 import argparse
 import json
 import os
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -80,7 +79,8 @@ def get_args(argv=None):
 
 
 def resolve(args):
-    """Fill unset flags from the run's args.json (beside the checkpoint), then from defaults."""
+    """A copy of args with the unset flags filled from the run's args.json (beside the checkpoint), then from
+    defaults, and checked as the training scripts check theirs."""
     run = {}
     if args.ckpt != "random":
         if not os.path.isfile(args.ckpt):
@@ -92,13 +92,10 @@ def resolve(args):
     defaults = dict(
         dataset="synthetic", data=None, arch="resnet18", width=1.0, img_size=None, patch_size=None, stem="auto"
     )
-    for key, default in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, run.get(key, default))
-    args.method = run.get("method")
-    if args.bn_head == "auto":
-        args.bn_head = "on" if args.method == "mae" else "off"
-    common.check_args(args)
+    filled = {key: run.get(key, default) for key, default in defaults.items() if getattr(args, key) is None}
+    method = run.get("method")
+    bn_head = ("on" if method == "mae" else "off") if args.bn_head == "auto" else args.bn_head
+    return common.check_args(argparse.Namespace(**{**vars(args), **filled, "method": method, "bn_head": bn_head}))
 
 
 def load_backbone(args):
@@ -221,9 +218,8 @@ def probe_augmented(backbone, train_set, test_f, test_l, classes, args, env):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    resolve(args)
-    env = SimpleNamespace(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    args = resolve(get_args(argv))
+    env = common.init(args)
     backbone = load_backbone(args).to(env.device)
     if args.arch.startswith("resnet"):
         backbone = backbone.to(memory_format=torch.channels_last)

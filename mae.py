@@ -17,10 +17,12 @@ patch 4 (solo-learn). ImageNet ViT-B/16, 1600 epochs: fine-tuned 83.6 (Table 3),
 """
 
 import argparse
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import common
 
@@ -47,8 +49,9 @@ def get_args(argv=None):
         "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
     )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
+    p.set_defaults(method=METHOD)
     # method
-    p.add_argument("--arch", default="vit_base", help="vit_tiny, vit_small or vit_base")
+    p.add_argument("--arch", default="vit_base", choices=["vit_tiny", "vit_small", "vit_base"], help="a ViT")
     p.add_argument("--width", type=float, default=1.0, help="ResNet width multiplier (SimCLR's 2x, 4x)")
     p.add_argument("--epochs", type=int, default=800, help="training epochs")
     p.add_argument("--batch", type=int, default=4096, help="global batch size, summed over processes")
@@ -62,7 +65,7 @@ def get_args(argv=None):
     p.add_argument("--decoder-depth", type=int, default=8, help="decoder blocks")
     p.add_argument("--norm-pix", type=int, default=1, help="1: targets are patches normalised by their mean and std")
     p.add_argument("--recon", action="store_true", help="write recon.png from the run in --out and exit")
-    return p.parse_args(argv)
+    return common.check_args(p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -94,6 +97,15 @@ def random_masking(x, mask_ratio):
     return x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, D)), mask.gather(1, ids_restore), ids_restore
 
 
+def sincos_pos_embed(dim, grid):
+    """Fixed 2-D sine-cosine position embeddings (1, 1 + grid**2, dim) as MAE's code: the first half of the
+    channels encodes the column, the second the row; the [CLS] row is zero."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    table = torch.cat([f(t.reshape(-1, 1) * omega) for t in (cols, rows) for f in (torch.sin, torch.cos)], 1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float()[None]
+
+
 def mae_loss(imgs, pred, mask, patch_size, norm_pix=True):
     """MSE per patch (mean over its values), averaged over the removed patches only. With norm_pix each target
     patch is (x - mean) / sqrt(var + 1e-6), with its own mean and unbiased variance."""
@@ -109,19 +121,19 @@ class MAE(nn.Module):
         super().__init__()
         self.backbone = common.build_backbone(args)
         dim = self.backbone.embed_dim
-        if not args.arch.startswith("vit"):
-            raise common.UserError(f"MAE needs a ViT, not --arch {args.arch}; use vit_tiny, vit_small or vit_base")
-        self.backbone.pos_embed.data.copy_(common.sincos_pos_embed(dim, self.backbone.grid))
+        self.backbone.pos_embed.data.copy_(sincos_pos_embed(dim, self.backbone.grid))
         self.backbone.pos_embed.requires_grad_(False)
         self.decoder_embed = nn.Linear(dim, args.decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, args.decoder_dim))
-        self.register_buffer("decoder_pos_embed", common.sincos_pos_embed(args.decoder_dim, self.backbone.grid))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(args.decoder_dim, self.backbone.grid))
         self.decoder_blocks = nn.Sequential(*[common.Block(args.decoder_dim, 16) for _ in range(args.decoder_depth)])
         self.decoder_norm = nn.LayerNorm(args.decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(args.decoder_dim, args.patch_size**2 * 3)
         for m in [m for m in self.modules() if isinstance(m, nn.Linear)] + [self.backbone.patch_embed.proj]:
-            nn.init.xavier_uniform_(m.weight.view(len(m.weight), -1)), nn.init.zeros_(m.bias)  # the official init
-        nn.init.normal_(self.backbone.cls_token, std=0.02), nn.init.normal_(self.mask_token, std=0.02)
+            nn.init.xavier_uniform_(m.weight.view(len(m.weight), -1))  # the official init
+            nn.init.zeros_(m.bias)
+        nn.init.normal_(self.backbone.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
         self.args = args
 
     def predict(self, imgs):
@@ -153,9 +165,11 @@ def save_reconstruction(net, dataset, args, env):
     if net.args.norm_pix:
         pred = pred.float() * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
     keep = 1 - mask[..., None]
-    common.save_image_grid(
-        [imgs, unpatchify(target * keep, p), unpatchify(target * keep + pred * (1 - keep), p)], f"{args.out}/recon.png"
-    )
+    rows = [imgs, unpatchify(target * keep, p), unpatchify(target * keep + pred * (1 - keep), p)]
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    grid = torch.cat([row.float().cpu() * std + mean for row in rows]).clamp(0, 1)
+    path = f"{args.out}/recon.png"
+    common.atomic_save(grid, path, lambda x, f: torchvision.utils.save_image(x, f, "png", nrow=8, padding=1))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,26 +178,33 @@ def save_reconstruction(net, dataset, args, env):
 
 def main(argv=None):
     args = get_args(argv)
-    env = common.init(args, METHOD)
+    env = common.init(args, args.out)
+    peak_lr = common.scaled_lr(args, env)
     augment = common.make_views(args.aug, args.img_size, views=1)  # METHOD: one view
     loader = common.train_loader(args, env, augment)
     net = MAE(args).to(env.device)  # METHOD: the model
     backbone = net.backbone  # what the run is for: backbone.pt and the k-NN monitor
     model = common.distribute(net, args, env)
-    optimizer = common.build_optimizer(args, env, net, betas=(0.9, 0.95))  # METHOD:
+    optimizer = common.build_optimizer(args, env, net, peak_lr, betas=(0.9, 0.95))  # METHOD:
     amp, scaler = common.autocast(args, env)
     flops = common.count_step_flops(net, augment.sizes, args, env)
-    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
+    steps_per_epoch = len(loader)
+    total_steps = common.training_steps(args, steps_per_epoch, flops)
+    epochs = math.ceil(total_steps / steps_per_epoch)
     start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    common.write_args(args, env)
     if args.recon:  # METHOD: on demand
         return save_reconstruction(net, loader.dataset.base, args, env)  # METHOD:
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
-    for epoch in range(start_epoch, args.epochs):
+    log = common.TrainLog(args, env, flops, step)
+    for epoch in range(start_epoch, epochs):
         model.train()
-        for views, _ in log.epoch(loader, epoch):
-            lr = common.cosine_schedule(step, total_steps, warmup_steps, env.lr)
+        loader.sampler.set_epoch(epoch)  # the shuffle and every augmentation: functions of (seed, epoch, index)
+        for views, _ in log.progress(loader, epoch):
+            lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr)
             common.set_lr(optimizer, lr)
+            if args.gpu_aug:  # the workers only decoded: crops, colour and blur run on the training device
+                views = augment.render_on_device(views, env.device)
             views = common.to_device(views, args, env)
             with amp():
                 loss, scalars = model(views)
@@ -192,8 +213,13 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            log.step(epoch, step, lr, loss, scalars)
-        knn = common.knn_monitor(backbone, args, env, epoch)
+            log.add(loss, scalars)
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                mean_loss = log.write_interval(epoch, step, lr)  # the loop's only host sync
+                common.check_finite(mean_loss, step)
+            if step == total_steps:  # the last step a --budget-flops run pays for
+                break
+        knn = common.knn_monitor(backbone, args, env, epoch, epochs)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
         save_reconstruction(net, loader.dataset.base, args, env)  # METHOD: recon.png

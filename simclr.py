@@ -18,6 +18,7 @@ official code), LARS lr 0.3 x B/256, wd 1e-6 (the current official README: 1e-4,
 """
 
 import argparse
+import math
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,7 @@ def get_args(argv=None):
         "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
     )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
+    p.set_defaults(method=METHOD)
     # method
     p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
     p.add_argument("--width", type=float, default=1.0, help="ResNet width multiplier (SimCLR's 2x, 4x)")
@@ -61,7 +63,7 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax over similarities")
     p.add_argument("--mlp", default="2048-128", help="projector widths (the last is the embedding)")
     p.add_argument("--negatives", type=int, default=0, help="random negatives per anchor (0: all 2N-2)")
-    return p.parse_args(argv)
+    return common.check_args(p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,24 +117,31 @@ class SimCLR(nn.Module):
 
 def main(argv=None):
     args = get_args(argv)
-    env = common.init(args, METHOD)
+    env = common.init(args, args.out)
+    peak_lr = common.scaled_lr(args, env)
     augment = common.make_views(args.aug, args.img_size)
     loader = common.train_loader(args, env, augment)
     net = SimCLR(args).to(env.device)  # METHOD: the model
     backbone = net.backbone  # what the run is for: backbone.pt and the k-NN monitor
     model = common.distribute(net, args, env)
-    optimizer = common.build_optimizer(args, env, net)
+    optimizer = common.build_optimizer(args, env, net, peak_lr)
     amp, scaler = common.autocast(args, env)
     flops = common.count_step_flops(net, augment.sizes, args, env)
-    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
+    steps_per_epoch = len(loader)
+    total_steps = common.training_steps(args, steps_per_epoch, flops)
+    epochs = math.ceil(total_steps / steps_per_epoch)
     start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    common.write_args(args, env)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
-    for epoch in range(start_epoch, args.epochs):
+    log = common.TrainLog(args, env, flops, step)
+    for epoch in range(start_epoch, epochs):
         model.train()
-        for views, _ in log.epoch(loader, epoch):
-            lr = common.cosine_schedule(step, total_steps, warmup_steps, env.lr)
+        loader.sampler.set_epoch(epoch)  # the shuffle and every augmentation: functions of (seed, epoch, index)
+        for views, _ in log.progress(loader, epoch):
+            lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr)
             common.set_lr(optimizer, lr)
+            if args.gpu_aug:  # the workers only decoded: crops, colour and blur run on the training device
+                views = augment.render_on_device(views, env.device)
             views = common.to_device(views, args, env)
             with amp():
                 loss, scalars = model(views)
@@ -141,8 +150,13 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            log.step(epoch, step, lr, loss, scalars)
-        knn = common.knn_monitor(backbone, args, env, epoch)
+            log.add(loss, scalars)
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                mean_loss = log.write_interval(epoch, step, lr)  # the loop's only host sync
+                common.check_finite(mean_loss, step)
+            if step == total_steps:  # the last step a --budget-flops run pays for
+                break
+        knn = common.knn_monitor(backbone, args, env, epoch, epochs)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
     log.finish(step)

@@ -18,6 +18,7 @@ ImageNet linear top-1 of a ResNet-50: 73.2 after 1000 epochs (Table 1), 68.6 aft
 """
 
 import argparse
+import math
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,7 @@ def get_args(argv=None):
         "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
     )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
+    p.set_defaults(method=METHOD)
     # method
     p.add_argument("--arch", default="resnet50", help="resnet18, resnet50, vit_tiny, vit_small or vit_base")
     p.add_argument("--width", type=float, default=1.0, help="ResNet width multiplier (SimCLR's 2x, 4x)")
@@ -58,33 +60,40 @@ def get_args(argv=None):
     p.add_argument("--wd", type=float, default=1e-6, help="weight decay")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup epochs")
     p.add_argument("--aug", default="byol", help="augmentation recipe (common.RECIPES); the paper's: vicreg-symmetric")
-    p.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax over similarities")
     p.add_argument("--mlp", default="8192-8192-8192", help="expander widths (the last is the embedding)")
-    p.add_argument("--coeffs", default="25,25,1", help="invariance, variance, covariance coefficients (lambda, mu, nu)")
+    p.add_argument("--sim-coeff", type=float, default=25.0, help="invariance coefficient (lambda)")
+    p.add_argument("--std-coeff", type=float, default=25.0, help="variance coefficient (mu)")
+    p.add_argument("--cov-coeff", type=float, default=1.0, help="covariance coefficient (nu)")
     p.add_argument("--variant", default="vicreg", choices=["vicreg", "exp", "ctr"], help="Garrido et al. 2023")
-    return p.parse_args(argv)
+    p.add_argument("--temperature", type=float, default=0.1, help="temperature of VICReg-exp and VICReg-ctr")
+    return common.check_args(p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Method
 
 
-def vicreg_terms(z1, z2, variant="vicreg", temperature=0.1):
-    """(invariance, variance, covariance), normalised as the official code: invariance = F.mse_loss (also / d)
-    on this process's batch; variance (halved per branch) and covariance on the gathered, centred batch. Garrido
-    et al. 2023: exp repels by LogSumExp over each covariance row (Eq. 11), ctr is exp on the transposed batch."""
-    invariance = F.mse_loss(z1.float(), z2.float())
-    x, y = (common.gather(z.float()).T if variant == "ctr" else common.gather(z.float()) for z in (z1, z2))
-    (n, d), x, y = x.shape, x - x.mean(0), y - y.mean(0)
-    hinge = lambda t: F.relu(1 - (t.var(0) + 1e-4).sqrt()).mean() / 2  # noqa: E731
-    off_diagonal = lambda c: c.square().sum() - torch.diagonal(c).square().sum()  # noqa: E731
-    lse = lambda c: (c / temperature).fill_diagonal_(float("-inf")).logsumexp(1).sum()  # noqa: E731
-    repel = off_diagonal if variant == "vicreg" else lse  # summed over rows, then / d
-    return invariance, hinge(x) + hinge(y), (repel(x.T @ x / (n - 1)) + repel(y.T @ y / (n - 1))) / d
+def off_diagonal_squares(cov):
+    """VICReg's covariance penalty: the squared off-diagonal entries, summed."""
+    return cov.square().sum() - torch.diagonal(cov).square().sum()
 
 
-def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0):
-    return sum(c * t for c, t in zip((sim_coeff, std_coeff, cov_coeff), vicreg_terms(z1, z2)))
+def off_diagonal_logsumexp(cov, temperature):
+    """VICReg-exp's (Garrido et al. 2023, Eq. 11): LogSumExp(c / temperature) over each row's off-diagonal, summed."""
+    return (cov / temperature).fill_diagonal_(float("-inf")).logsumexp(1).sum()
+
+
+def vicreg_loss(z1, z2, sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, variant="vicreg", temperature=0.1):
+    """sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance, normalised as the official code (see
+    the docstring above); variants exp and ctr (exp on the transposed batch) as Garrido et al. 2023."""
+    loss = sim_coeff * F.mse_loss(z1.float(), z2.float())  # invariance, on this process's batch
+    for z in (z1, z2):  # variance and covariance of each branch, on the gathered, centred batch
+        x = common.gather(z.float()).T if variant == "ctr" else common.gather(z.float())
+        x = x - x.mean(0)  # (n, d)
+        cov = x.T @ x / (len(x) - 1)
+        repel = off_diagonal_squares(cov) if variant == "vicreg" else off_diagonal_logsumexp(cov, temperature)
+        loss = loss + std_coeff * F.relu(1 - (x.var(0) + 1e-4).sqrt()).mean() / 2 + cov_coeff * repel / x.shape[1]
+    return loss
 
 
 def mlp(in_dim, widths):
@@ -107,9 +116,9 @@ class VICReg(nn.Module):
 
     def forward(self, views):
         z1, z2 = (self.projector(self.backbone(v)) for v in views)
-        terms = vicreg_terms(z1, z2, self.args.variant, self.args.temperature)
-        loss = sum(c * t for c, t in zip(map(float, self.args.coeffs.split(",")), terms))
-        return loss, dict(zip(("invariance", "variance", "covariance"), terms))
+        a = self.args
+        loss = vicreg_loss(z1, z2, a.sim_coeff, a.std_coeff, a.cov_coeff, a.variant, a.temperature)
+        return loss, {}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,24 +127,31 @@ class VICReg(nn.Module):
 
 def main(argv=None):
     args = get_args(argv)
-    env = common.init(args, METHOD)
+    env = common.init(args, args.out)
+    peak_lr = common.scaled_lr(args, env)
     augment = common.make_views(args.aug, args.img_size)
     loader = common.train_loader(args, env, augment)
     net = VICReg(args).to(env.device)  # METHOD: the model
     backbone = net.backbone  # what the run is for: backbone.pt and the k-NN monitor
     model = common.distribute(net, args, env)
-    optimizer = common.build_optimizer(args, env, net)
+    optimizer = common.build_optimizer(args, env, net, peak_lr)
     amp, scaler = common.autocast(args, env)
     flops = common.count_step_flops(net, augment.sizes, args, env)
-    steps_per_epoch, total_steps = len(loader), common.training_steps(args, len(loader), flops)
+    steps_per_epoch = len(loader)
+    total_steps = common.training_steps(args, steps_per_epoch, flops)
+    epochs = math.ceil(total_steps / steps_per_epoch)
     start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    common.write_args(args, env)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    log = common.TrainLog(args, env, flops, steps_per_epoch, total_steps)
-    for epoch in range(start_epoch, args.epochs):
+    log = common.TrainLog(args, env, flops, step)
+    for epoch in range(start_epoch, epochs):
         model.train()
-        for views, _ in log.epoch(loader, epoch):
-            lr = common.cosine_schedule(step, total_steps, warmup_steps, env.lr, env.lr / 1000)  # METHOD:
+        loader.sampler.set_epoch(epoch)  # the shuffle and every augmentation: functions of (seed, epoch, index)
+        for views, _ in log.progress(loader, epoch):
+            lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr, peak_lr / 1000)  # METHOD:
             common.set_lr(optimizer, lr)
+            if args.gpu_aug:  # the workers only decoded: crops, colour and blur run on the training device
+                views = augment.render_on_device(views, env.device)
             views = common.to_device(views, args, env)
             with amp():
                 loss, scalars = model(views)
@@ -144,8 +160,13 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            log.step(epoch, step, lr, loss, scalars)
-        knn = common.knn_monitor(backbone, args, env, epoch)
+            log.add(loss, scalars)
+            if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
+                mean_loss = log.write_interval(epoch, step, lr)  # the loop's only host sync
+                common.check_finite(mean_loss, step)
+            if step == total_steps:  # the last step a --budget-flops run pays for
+                break
+        knn = common.knn_monitor(backbone, args, env, epoch, epochs)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
     log.finish(step)

@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -91,7 +90,7 @@ def lightly_transform(recipe, size, local_sizes):
     raise common.UserError(f"unknown --recipe {recipe!r}; choose from {', '.join(METHODS)}")
 
 
-def upscaled_copies(dataset, width, height):
+def upscaled_copies(dataset, width, height, draft_side):
     import tempfile
 
     from PIL import Image
@@ -100,7 +99,7 @@ def upscaled_copies(dataset, width, height):
     for k, (path, _) in enumerate(dataset.samples):
         with Image.open(path) as im:
             im.convert("RGB").resize((width, height), Image.BICUBIC).save(f"{folder}/{k:05d}.jpg", quality=90)
-    return common.ImageFiles(folder)
+    return common.ImageFiles(folder, draft_side=draft_side)
 
 
 def time_ours(views, dataset, n, batch):
@@ -130,13 +129,12 @@ def bench_pipeline(args):
     torch.set_num_threads(1)  # one core: what one loader worker gets
     if args.recipe not in METHODS:
         raise common.UserError(f"unknown --recipe {args.recipe!r}; choose from {', '.join(METHODS)}")
-    dataset = common.ImageFiles(args.data)
+    name, views = our_recipe(args.recipe, args.img_size, args.local_crops)
+    dataset = common.ImageFiles(args.data, draft_side=max(views.sizes))
     dataset.samples = dataset.samples[:: max(1, len(dataset.samples) // args.n)][: args.n]  # spread over classes
     n = len(dataset.samples)
     if args.upscale:  # e.g. ImageNet-sized JPEGs made from CIFAR images, when no large images are at hand
-        dataset = upscaled_copies(dataset, *map(int, args.upscale.split("x")))
-    name, views = our_recipe(args.recipe, args.img_size, args.local_crops)
-    dataset.draft_side = max(views.sizes)
+        dataset = upscaled_copies(dataset, *map(int, args.upscale.split("x")), max(views.sizes))
     lightly = lightly_transform(args.recipe, args.img_size, views.sizes[2:]) if args.vs == "lightly" else None
     ours, theirs = [], []
     for r in range(args.rounds):
@@ -186,12 +184,11 @@ def bench_step(args):
                 "--amp", args.amp, "--out", "/tmp/bench-unused", "--optimizer", "adamw"]  # fmt: skip
         argv += ["--local-crops", str(args.local_crops)] if method == "dino" else []
         margs = module.get_args(argv + (["--compile"] if args.compile else []))
-        common.check_args(margs)
-        env = SimpleNamespace(device=device, world=1, main=True, local_batch=args.batch, lr=1e-4, method=method)
+        env = common.Env(device)
         torch.manual_seed(0)
         net = getattr(module, CLASSES[method])(margs).to(device)
         model = common.distribute(net, margs, env)
-        optimizer = common.build_optimizer(margs, env, net)
+        optimizer = common.build_optimizer(margs, env, net, 1e-4)
         amp, scaler = common.autocast(margs, env)
         consumed = (0, margs.local_crops, margs.patch_size) if method == "dino" else (1,) if method == "mae" else ()
         views = common.make_views(margs.aug, margs.img_size, *consumed)

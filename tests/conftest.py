@@ -42,6 +42,21 @@ TINY = [
 ]
 
 
+def merge_flags(*flag_lists):
+    """One flag list from several, a later `--name value` replacing an earlier one (argparse checks a flag's
+    choices at every occurrence, so mae.py refuses the `--arch resnet18` that a later `--arch vit_tiny` overrides).
+    Flags without a value (`--gpu-aug`) are kept as they are."""
+    merged = {}
+    for flags in flag_lists:
+        flags = [str(f) for f in flags]
+        i = 0
+        while i < len(flags):
+            has_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+            merged[flags[i]] = flags[i + 1] if has_value else None
+            i += 2 if has_value else 1
+    return [word for name, value in merged.items() for word in ([name] if value is None else [name, value])]
+
+
 def run_script(*argv, timeout=600, check=True, torchrun=0):
     """Run a project script in a subprocess from the repository root; returns the CompletedProcess. On a timeout
     the whole process group (torchrun and its workers) is killed."""

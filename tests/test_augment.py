@@ -21,10 +21,15 @@ def render(views, images, path):
     batch = [augmented[(0, i)] for i in range(len(images))]
     if path == "worker":
         return views.collate(batch)[0]
-    args, env = SimpleNamespace(arch="vit_tiny"), SimpleNamespace(device=torch.device("cpu"))
-    out = common.to_device(views.collate_raw(batch)[0], args, env)
+    args, env = SimpleNamespace(arch="vit_tiny"), common.Env(torch.device("cpu"))
+    out = common.to_device(views.render_on_device(views.collate_raw(batch)[0], env.device), args, env)
     mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
     return [((v * std + mean) * 255).round().clamp(0, 255).to(torch.uint8) for v in out]
+
+
+def hue(pixel):
+    """The HSV hue (in turns) of an RGB pixel in 0-255."""
+    return colorsys.rgb_to_hsv(*(pixel / 255).tolist())[0]
 
 
 def ks_two_sample(a, b):
@@ -105,10 +110,9 @@ def test_jitter_factors_are_uniform_in_the_recipe_ranges(path):
     assert ks_uniform((out[:, 0, 8, 12] - out[:, 0, 8, 3]) / 100, 0.6, 1.4) < 0.1
     # saturation and hue of a flat orange image
     orange = torch.tensor([200, 120, 40], dtype=torch.uint8).view(3, 1, 1).expand(3, 16, 16).contiguous()
-    hsv = lambda px: colorsys.rgb_to_hsv(*(px / 255).tolist())  # noqa: E731
     out = render(common.Views([jitter_spec(3, 0.1)]), [orange] * N, path)[0].float()
-    hue0 = hsv(orange[:, 0, 0].float())[0]
-    shifts = [(hsv(px)[0] - hue0 + 0.5) % 1 - 0.5 for px in out[:, :, 8, 8]]
+    hue0 = hue(orange[:, 0, 0].float())
+    shifts = [(hue(px) - hue0 + 0.5) % 1 - 0.5 for px in out[:, :, 8, 8]]
     assert ks_uniform(shifts, -0.1, 0.1) < 0.1
     out = render(common.Views([jitter_spec(2, 0.4)]), [orange] * N, path)[0].float()
     gray = sum(w * c for w, c in zip(common.GRAY_WEIGHTS, (200, 120, 40)))  # saturation blends towards it
@@ -131,12 +135,9 @@ def test_jpeg_draft_decodes_at_reduced_size_never_below_the_views(tmp_path):
     from PIL import Image
 
     Image.fromarray(torch.randint(0, 255, (400, 600, 3), dtype=torch.uint8).numpy()).save(tmp_path / "a.jpg")
-    files = common.ImageFiles(str(tmp_path))
-    assert files[0][0].shape == (3, 400, 600)
-    files.draft_side = 100
-    assert files[0][0].shape == (3, 100, 150)
-    files.draft_side = 150
-    assert files[0][0].shape == (3, 200, 300)
+    assert common.ImageFiles(str(tmp_path))[0][0].shape == (3, 400, 600)
+    assert common.ImageFiles(str(tmp_path), draft_side=100)[0][0].shape == (3, 100, 150)
+    assert common.ImageFiles(str(tmp_path), draft_side=150)[0][0].shape == (3, 200, 300)
 
 
 def test_gpu_aug_trains_like_the_worker_path(tmp_path):

@@ -47,7 +47,7 @@ def test_target_gets_no_gradient_and_is_not_optimised():
     assert all(p.grad is None and not p.requires_grad for p in net.target.parameters())
     assert all(p.grad is not None for p in net.predictor.parameters())
     args = argparse.Namespace(optimizer="lars", wd=0.0)
-    optimizer = common.build_optimizer(args, argparse.Namespace(lr=0.1, device=torch.device("cpu")), net)
+    optimizer = common.build_optimizer(args, common.Env(torch.device("cpu")), net, lr=0.1)
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not optimised & {id(p) for p in net.target.parameters()}
 
@@ -70,7 +70,9 @@ def test_ema_update_by_hand_for_parameters_and_buffers():
 
 
 def test_ema_momentum_schedule_first_and_last_step():
-    tau = lambda step, total, base: 1 - common.cosine_schedule(step, total, 0, 1 - base)  # noqa: E731 (as in main)
+    def tau(step, total, base):  # as in main()
+        return 1 - common.cosine_schedule(step, total, 0, 1 - base)
+
     assert tau(0, 1000, 0.996) == pytest.approx(0.996)
     assert tau(500, 1000, 0.996) == pytest.approx(0.998)
     assert tau(1000, 1000, 0.996) == pytest.approx(1.0)

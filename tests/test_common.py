@@ -42,7 +42,9 @@ def test_lars_zero_weight_uses_unit_trust_ratio():
 
 
 def test_cosine_schedule_values():
-    f = lambda s: common.cosine_schedule(s, total_steps=110, warmup_steps=10, peak=2.0, final=0.2)  # noqa: E731
+    def f(step):
+        return common.cosine_schedule(step, total_steps=110, warmup_steps=10, peak=2.0, final=0.2)
+
     assert f(0) == 0.0
     assert f(5) == pytest.approx(1.0)
     assert f(10) == pytest.approx(2.0)
@@ -88,7 +90,7 @@ def test_gather_is_identity_without_process_group():
 
 
 def make_args(**kw):
-    base = dict(arch="resnet18", img_size=32, stem="auto", patch_size=4)
+    base = dict(arch="resnet18", width=1.0, img_size=32, stem="auto", patch_size=4)
     return SimpleNamespace(**{**base, **kw})
 
 

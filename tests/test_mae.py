@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, run_script
+from conftest import TINY, merge_flags, run_script
 
 import common
 import mae
@@ -71,7 +71,7 @@ def test_mae_loss_matches_loop_and_ignores_visible_patches(norm_pix):
 
 
 def test_sincos_position_embeddings():
-    table = common.sincos_pos_embed(8, 3)  # 2 frequencies per half: omega = 1, 1/100
+    table = mae.sincos_pos_embed(8, 3)  # 2 frequencies per half: omega = 1, 1/100
     assert table.shape == (1, 10, 8) and torch.equal(table[0, 0], torch.zeros(8))
     row, col = 1, 2  # patch 5 of a 3x3 grid
     want = [math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)]
@@ -94,8 +94,9 @@ def test_mae_model_encodes_visible_patches_only():
 def test_mae_run_reconstruction_loss_falls_and_recon_png(tmp_path):
     from PIL import Image
 
-    flags = [*TINY, "--arch", "vit_tiny", "--patch-size", 8, "--decoder-dim", 64, "--decoder-depth", 1, "--subset", 256,
-             "--epochs", 5, "--lr", 2e-3, "--knn-every", 0, "--log-every", 4, "--out", tmp_path]  # fmt: skip
+    mae_flags = ["--arch", "vit_tiny", "--patch-size", 8, "--decoder-dim", 64, "--decoder-depth", 1, "--subset", 256,
+                 "--epochs", 5, "--lr", 2e-3, "--knn-every", 0, "--log-every", 4]  # fmt: skip
+    flags = [*merge_flags(TINY, mae_flags), "--out", tmp_path]
     run_script("mae.py", *flags)
     losses = [r["loss"] for r in map(json.loads, (tmp_path / "log.jsonl").read_text().splitlines()) if "loss" in r]
     print("MAE losses:", [round(x, 3) for x in losses])

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, kill_during_save, run_script
+from conftest import ROOT, kill_during_save, merge_flags, run_script
 
 import common
 
@@ -37,6 +37,11 @@ LEARN = ["--dataset", "synthetic", "--arch", "resnet18", "--stem", "imagenet", "
 
 def read_log(out):
     return common.read_log(os.path.join(out, "log.jsonl"))
+
+
+def untimed(log):
+    """A log's records without what depends on the machine's speed."""
+    return [{k: v for k, v in record.items() if k not in ("img_per_s", "time")} for record in log]
 
 
 def kill_after_first_checkpoint(argv):
@@ -71,7 +76,7 @@ def straight_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("method,kill", KILLS)
 def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs, tmp_path):
-    tiny += [*EXTRA[method], "--epochs", 2]
+    tiny = merge_flags(tiny, EXTRA[method], ["--epochs", 2])
     straight, resumed = straight_runs(method, list(tiny)), tmp_path / "resumed"
     if kill == "mid-write":
         tiny[tiny.index("--workers") + 1] = 2
@@ -94,7 +99,6 @@ def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs,
     assert steps[-1]["flops"] == 4 * steps[0]["flops"] > 0 and all(r["img_per_s"] > 0 for r in steps)
     assert [r["epoch"] for r in log if "knn_top1" in r] == [1]
     # the resumed run's log reads as the uninterrupted one's (losses and k-NN bit for bit; speeds differ)
-    untimed = lambda log: [{k: v for k, v in r.items() if k not in ("img_per_s", "time")} for r in log]  # noqa: E731
     assert untimed(read_log(resumed)) == untimed(log)
     a, b = torch.load(straight / "backbone.pt"), torch.load(resumed / "backbone.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -115,7 +119,7 @@ def test_simclr_backbone_loads_into_torchvision(trained):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_torchrun_two_processes(method, tiny, tmp_path):
-    run_script(f"{method}.py", *tiny, *EXTRA[method], "--epochs", 1, "--out", tmp_path, torchrun=2)
+    run_script(f"{method}.py", *merge_flags(tiny, EXTRA[method], ["--epochs", 1]), "--out", tmp_path, torchrun=2)
     log = read_log(tmp_path)
     assert log[-1]["step"] == 4 and "knn_top1" in log[-1]
     assert (tmp_path / "backbone.pt").exists()
@@ -155,9 +159,9 @@ def test_bn_stats_from_data_are_the_mean_and_variance_of_the_images():
     variance of conv1's output over the images, computed here directly; the backbone is left in eval mode."""
     import eval_linear
 
-    args = SimpleNamespace(dataset="synthetic", data=None, arch="resnet18", stem="imagenet", img_size=32,
+    args = SimpleNamespace(dataset="synthetic", data=None, arch="resnet18", width=1.0, stem="imagenet", img_size=32,
                            patch_size=None, seed=0, batch=64, workers=0, gpu_aug=False)  # fmt: skip
-    env = SimpleNamespace(device=torch.device("cpu"))
+    env = common.Env(torch.device("cpu"))
     backbone, train = common.build_backbone(args), common.build_dataset(args, "memory")
     eval_linear.estimate_bn_stats(backbone, train, args, env, images=48)  # one batch: exact statistics
     ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:48].tolist()
@@ -181,11 +185,9 @@ def test_eval_linear_takes_the_width_from_the_run(tmp_path):
     args = SimpleNamespace(arch="resnet18", width=0.5, stem="imagenet", img_size=32)
     torch.save(common.build_backbone(args).state_dict(), tmp_path / "backbone.pt")
     (tmp_path / "args.json").write_text(json.dumps({**vars(args), "dataset": "synthetic", "method": "byol"}))
-    loaded = eval_linear.get_args(["--ckpt", str(tmp_path / "backbone.pt")])
-    eval_linear.resolve(loaded)
+    loaded = eval_linear.resolve(eval_linear.get_args(["--ckpt", str(tmp_path / "backbone.pt")]))
     assert loaded.width == 0.5 and eval_linear.load_backbone(loaded).embed_dim == 256
-    wrong = eval_linear.get_args(["--ckpt", str(tmp_path / "backbone.pt"), "--width", "1"])
-    eval_linear.resolve(wrong)
+    wrong = eval_linear.resolve(eval_linear.get_args(["--ckpt", str(tmp_path / "backbone.pt"), "--width", "1"]))
     with pytest.raises(common.UserError, match="--width"):
         eval_linear.load_backbone(wrong)
 

@@ -13,12 +13,12 @@ def nt_xent_loop(z1, z2, tau):
     """Paper §2.1: l(i,j) = -log exp(sim(i,j)/tau) / sum_{k != i} exp(sim(i,k)/tau), mean over all 2N anchors."""
     z = torch.cat([z1, z2]).double()
     n2 = len(z)
-    sim = lambda a, b: float(z[a] @ z[b] / (z[a].norm() * z[b].norm()))  # noqa: E731
+    sim = [[float(z[a] @ z[b] / (z[a].norm() * z[b].norm())) for b in range(n2)] for a in range(n2)]
     total = 0.0
     for i in range(n2):
         j = (i + n2 // 2) % n2
-        denominator = sum(math.exp(sim(i, k) / tau) for k in range(n2) if k != i)
-        total += -math.log(math.exp(sim(i, j) / tau) / denominator)
+        denominator = sum(math.exp(sim[i][k] / tau) for k in range(n2) if k != i)
+        total += -math.log(math.exp(sim[i][j] / tau) / denominator)
     return total / n2
 
 
