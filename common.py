@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -17,9 +18,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import v2
@@ -127,11 +128,17 @@ class Env:
         return self.rank == 0
 
 
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def init(args, out_dir=None):
     """Start this process: join torchrun's process group (NCCL on CUDA, gloo on CPU), pick the device, turn on
     TF32 and cuDNN autotuning, seed every RNG with --seed + rank, and create out_dir when given (rank 0)."""
     cuda = torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -150,12 +157,6 @@ def init(args, out_dir=None):
     if env.main:
         print(f"{env.world} process(es) on {env.device}")
     return env
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def distribute(net, args, env):
@@ -179,19 +180,19 @@ def autocast(args, env):
     return amp, torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
 
 
+def normalize_batch(x, scaled=False):
+    """uint8 (or [0, 1] float with scaled=True) images -> float32 with the ImageNet mean and std."""
+    mean, std = x.new_tensor(IMAGENET_MEAN, dtype=torch.float32), x.new_tensor(IMAGENET_STD, dtype=torch.float32)
+    scale = 1.0 if scaled else 255.0
+    return (x.float() - mean.view(1, 3, 1, 1) * scale) / (std.view(1, 3, 1, 1) * scale)
+
+
 def to_device(views, args, env):
     """A batch's views on the device as normalised float32 (uint8 views are normalised there; float views, already
     normalised, pass through), channels_last for ResNets."""
     fmt = torch.channels_last if args.arch.startswith("resnet") else torch.contiguous_format
     views = [v.to(env.device, non_blocking=True) for v in views]
     return [(normalize_batch(v) if v.dtype == torch.uint8 else v).contiguous(memory_format=fmt) for v in views]
-
-
-def normalize_batch(x, scaled=False):
-    """uint8 (or [0, 1] float with scaled=True) images -> float32 with the ImageNet mean and std."""
-    mean, std = x.new_tensor(IMAGENET_MEAN, dtype=torch.float32), x.new_tensor(IMAGENET_STD, dtype=torch.float32)
-    scale = 1.0 if scaled else 255.0
-    return (x.float() - mean.view(1, 3, 1, 1) * scale) / (std.view(1, 3, 1, 1) * scale)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,33 +297,9 @@ class ImageFiles(Dataset):
                 if self.draft_side:
                     im.draft("RGB", (self.draft_side, self.draft_side))
                 img = np.asarray(im.convert("RGB"))  # grayscale, palette and RGBA become RGB
-        except Exception as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
             raise UserError(f"cannot read image {path} ({e}); remove or replace it") from None
         return torch.from_numpy(img.copy()).permute(2, 0, 1), label
-
-
-def build_dataset(args, split, draft_side=0):
-    """The raw dataset for split train|test|memory ('memory': the labelled training data, the k-NN memory bank);
-    None for a test split that does not exist. draft_side: see ImageFiles."""
-    name, root = args.dataset, args.data
-    if name == "synthetic":
-        test = split == "test"  # the test images come from another seed
-        ds = SyntheticTextures(1000 if test else 4000, args.img_size, args.seed + (7919 if test else 0))
-    elif name in ("imagenet", "folder"):
-        if not root or not os.path.isdir(root):
-            raise UserError(f"--data {root!r} is not a folder; give the root holding train/ (and val/ or test/)")
-        train_dir = os.path.join(root, "train")
-        if not os.path.isdir(train_dir):
-            raise UserError(f"{root} has no train/ folder; expected {root}/train/ (and {root}/val/ or {root}/test/)")
-        ds = ImageFiles(train_dir, draft_side=draft_side)
-        if split == "test":
-            test_dir = next((d for d in (f"{root}/val", f"{root}/test") if os.path.isdir(d)), None)
-            ds = ImageFiles(test_dir, classes=ds.classes) if test_dir and ds.classes else None
-    else:
-        ds = torchvision_dataset(name, root or "data", split)
-    if ds is not None and split == "train" and args.subset:
-        ds = random_subset(ds, args.subset, args.seed)
-    return ds
 
 
 def random_subset(ds, n, seed):
@@ -348,11 +325,35 @@ def torchvision_dataset(name, root, split):
             except RuntimeError:
                 if download:
                     raise
-    except Exception as e:
+    except (OSError, RuntimeError, ValueError) as e:  # missing files, no network, a failed checksum
         raise UserError(
             f"cannot find or download {name} under {root!r} ({str(e).splitlines()[0]}); put torchvision's files there "
             f"(--data), or use --dataset folder with an ImageFolder copy, or --dataset synthetic"
         ) from None
+
+
+def build_dataset(args, split, draft_side=0):
+    """The raw dataset for split train|test|memory ('memory': the labelled training data, the k-NN memory bank);
+    None for a test split that does not exist. draft_side: see ImageFiles."""
+    name, root = args.dataset, args.data
+    if name == "synthetic":
+        test = split == "test"  # the test images come from another seed
+        ds = SyntheticTextures(1000 if test else 4000, args.img_size, args.seed + (7919 if test else 0))
+    elif name in ("imagenet", "folder"):
+        if not root or not os.path.isdir(root):
+            raise UserError(f"--data {root!r} is not a folder; give the root holding train/ (and val/ or test/)")
+        train_dir = os.path.join(root, "train")
+        if not os.path.isdir(train_dir):
+            raise UserError(f"{root} has no train/ folder; expected {root}/train/ (and {root}/val/ or {root}/test/)")
+        ds = ImageFiles(train_dir, draft_side=draft_side)
+        if split == "test":
+            test_dir = next((d for d in (f"{root}/val", f"{root}/test") if os.path.isdir(d)), None)
+            ds = ImageFiles(test_dir, classes=ds.classes) if test_dir and ds.classes else None
+    else:
+        ds = torchvision_dataset(name, root or "data", split)
+    if ds is not None and split == "train" and args.subset:
+        ds = random_subset(ds, args.subset, args.seed)
+    return ds
 
 
 class Augmented(Dataset):
@@ -413,7 +414,11 @@ def train_loader(args, env, views):
     sampler = EpochSampler(len(dataset), args.seed, local_batch)
     if len(sampler) == 0:
         raise UserError(f"{len(dataset)} training images do not make one batch of {args.batch}; lower --batch")
-    workers = dict(num_workers=args.workers, persistent_workers=args.workers > 0, pin_memory=env.device.type == "cuda")
+    workers = {
+        "num_workers": args.workers,
+        "persistent_workers": args.workers > 0,
+        "pin_memory": env.device.type == "cuda",
+    }
     own = torch.Generator().manual_seed(args.seed)  # worker seeds must not draw from the global RNG
     collate = views.collate_raw if args.gpu_aug else views.collate
     return DataLoader(
@@ -438,8 +443,8 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 # The uniforms one view's draw consumes, by name: 22 for the crop (ten tries of an area and an aspect, then the
 # position), then one per decision. One draw of all 36 keeps a loader worker's per-item work cheap. A noise view
 # draws no crop: it takes its noise seed from the first uniform.
-UNIFORMS = dict(crop=slice(0, 22), noise_seed=0, flip=22, jitter=23, gray=24, blur=25, order=slice(26, 30),
-                factors=slice(30, 33), hue=33, sigma=34, solarize=35)  # fmt: skip
+UNIFORMS = {"crop": slice(0, 22), "noise_seed": 0, "flip": 22, "jitter": 23, "gray": 24, "blur": 25}
+UNIFORMS.update({"order": slice(26, 30), "factors": slice(30, 33), "hue": 33, "sigma": 34, "solarize": 35})
 UNIFORMS_PER_VIEW = 36
 
 
@@ -696,7 +701,7 @@ def multi_crop(size, local_crops, patch, global_scale=(0.4, 1.0), local_scale=(0
 
 
 def strength(s):
-    return dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s))
+    return {"jitter": (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)}
 
 
 RECIPES = {
@@ -776,6 +781,14 @@ class Block(nn.Module):
         return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches to tokens: one strided convolution (timm's name for it: patch_embed.proj)."""
+
+    def __init__(self, dim, patch_size):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+
 class VisionTransformer(nn.Module):
     """Pre-norm ViT with timm's parameter names. `embed` gives patch tokens with position embeddings (resized
     for other resolutions); `encode` runs the blocks on any subset of them (MAE's visible patches)."""
@@ -783,8 +796,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size, patch_size, dim, depth, heads, drop_path=0.0):
         super().__init__()
         self.patch_size, self.embed_dim, self.grid = patch_size, dim, img_size // patch_size
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+        self.patch_embed = PatchEmbed(dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
         rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # stochastic depth rises linearly
@@ -819,38 +831,44 @@ class VisionTransformer(nn.Module):
         return self.encode(self.embed(x))[:, 0]
 
 
-def uses_cifar_stem(args):
-    return args.stem == "cifar" or (args.stem == "auto" and args.img_size <= 64)
+RESNET_LAYERS = {
+    "resnet18": (torchvision.models.resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet50": (torchvision.models.resnet.Bottleneck, [3, 4, 6, 3]),
+}
+
+
+class ResNet(torchvision.models.ResNet):
+    """torchvision's ResNet (its parameter names and initialisation, so backbone.pt loads into it) without the
+    classifier: every layer `width` times as wide (SimCLR's 2x and 4x ResNet-50, or narrow nets for short CPU runs),
+    and on request the CIFAR stem (a 3x3 stride-1 conv, no max-pool). `embed_dim` is its output width."""
+
+    def __init__(self, arch, width=1.0, cifar_stem=False):
+        block, depths = RESNET_LAYERS[arch]
+        super().__init__(block, depths)
+        if width != 1:  # the same blocks and initialisation, rebuilt wider or narrower
+            planes = [max(1, round(64 * width)) * 2**i for i in range(4)]
+            self.inplanes, self.bn1 = planes[0], nn.BatchNorm2d(planes[0])
+            self.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
+            for i, (p, depth) in enumerate(zip(planes, depths)):
+                setattr(self, f"layer{i + 1}", self._make_layer(block, p, depth, stride=1 if i == 0 else 2))
+            for m in self.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if cifar_stem:
+            self.conv1 = nn.Conv2d(3, self.bn1.num_features, 3, 1, 1, bias=False)
+            self.maxpool = nn.Identity()
+        self.fc = nn.Identity()
+        self.embed_dim = ARCHS[arch] * self.bn1.num_features // 64
 
 
 def build_backbone(args, drop_path=0.0):
-    """torchvision ResNet without fc (CIFAR stem at 64 px and below unless --stem says otherwise), or a ViT.
-    The module's `embed_dim` is its output width."""
+    """The --arch backbone: a ResNet (the CIFAR stem at 64 px and below unless --stem says otherwise) or a ViT
+    (stochastic depth `drop_path`). Its `embed_dim` is its output width."""
     if args.arch.startswith("vit"):
         dim, depth, heads = ARCHS[args.arch]
         return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, drop_path)
-    net = getattr(torchvision.models, args.arch)() if args.width == 1 else scaled_resnet(args.arch, args.width)
-    if uses_cifar_stem(args):
-        net.conv1, net.maxpool = nn.Conv2d(3, net.bn1.num_features, 3, 1, 1, bias=False), nn.Identity()
-    net.fc = nn.Identity()
-    net.embed_dim = ARCHS[args.arch] * net.bn1.num_features // 64
-    return net
-
-
-def scaled_resnet(arch, width):
-    """torchvision's ResNet with every layer `width` times as wide: SimCLR's ResNet-50 (2x) and (4x), or a
-    narrow ResNet-18 for short CPU runs. Same blocks, same initialisation."""
-    net = getattr(torchvision.models, arch)()
-    block, depths = type(net.layer1[0]), [len(getattr(net, f"layer{i}")) for i in range(1, 5)]
-    planes = [max(1, round(64 * width)) * 2**i for i in range(4)]
-    net.inplanes, net.bn1 = planes[0], nn.BatchNorm2d(planes[0])
-    net.conv1 = nn.Conv2d(3, planes[0], 7, 2, 3, bias=False)
-    for i, (p, depth) in enumerate(zip(planes, depths)):
-        setattr(net, f"layer{i + 1}", net._make_layer(block, p, depth, stride=1 if i == 0 else 2))
-    for m in net.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return net
+    cifar_stem = args.stem == "cifar" or (args.stem == "auto" and args.img_size <= 64)
+    return ResNet(args.arch, args.width, cifar_stem)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -862,7 +880,7 @@ class LARS(torch.optim.Optimizer):
     momentum; 1-D parameters (biases, norms) skip both the decay and the trust ratio."""
 
     def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta})
 
     @torch.no_grad()
     def step(self):
@@ -931,14 +949,6 @@ def ema_update(target, online, momentum):
             t.copy_(o)
 
 
-def count_step_flops(net, sizes, args, env):
-    """FLOPs of one training step (forward and backward, every view) summed over the processes, counted once on
-    blank views of the given sides. Buffers (BN statistics, centers) and RNG are restored afterwards."""
-    local_batch = args.batch // env.world
-    views = to_device([torch.zeros(local_batch, 3, s, s, device=env.device) for s in sizes], args, env)
-    return flop_count(net, views) * env.world
-
-
 def flop_count(net, views):
     buffers = {name: b.clone() for name, b in net.named_buffers()}
     cuda = [views[0].device] if views[0].is_cuda else []
@@ -948,6 +958,14 @@ def flop_count(net, views):
     net.load_state_dict(buffers, strict=False)
     net.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+def count_step_flops(net, sizes, args, env):
+    """FLOPs of one training step (forward and backward, every view) summed over the processes, counted once on
+    blank views of the given sides. Buffers (BN statistics, centers) and RNG are restored afterwards."""
+    local_batch = args.batch // env.world
+    views = to_device([torch.zeros(local_batch, 3, s, s, device=env.device) for s in sizes], args, env)
+    return flop_count(net, views) * env.world
 
 
 def training_steps(args, steps_per_epoch, flops_per_step):
@@ -993,7 +1011,14 @@ def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone):
         dist.all_gather_object(rngs, rng)
     if not env.main:
         return
-    state = dict(method=args.method, arch=args.arch, img_size=args.img_size, epoch=epoch, step=step, rng=rngs)
+    state = {
+        "method": args.method,
+        "arch": args.arch,
+        "img_size": args.img_size,
+        "epoch": epoch,
+        "step": step,
+        "rng": rngs,
+    }
     state.update(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
     atomic_save(backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
@@ -1010,7 +1035,7 @@ def resume(args, env, net, optimizer, scaler):
         return 0, 0
     try:
         state = torch.load(path, map_location=env.device, weights_only=False)
-    except Exception as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise UserError(f"{path} is not a readable checkpoint ({e}); move it away to start afresh") from None
     for key, want in [("method", args.method), ("arch", args.arch), ("img_size", args.img_size)]:
         if state.get(key) != want:
@@ -1094,7 +1119,7 @@ class TrainLog:
         mean_loss = float(self.loss_sum) / self.count
         now = time.perf_counter()
         img_per_s = self.count * self.args.batch / (now - self.tick)
-        record = dict(epoch=epoch, step=step, loss=mean_loss, lr=lr, img_per_s=img_per_s)
+        record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": img_per_s}
         record.update(flops=step * self.flops_per_step, **{k: float(v) for k, v in self.scalars.items()})
         self.tick, self.loss_sum, self.count = now, 0.0, 0
         self.write(record)
@@ -1113,7 +1138,12 @@ class TrainLog:
         """summary.json: what the run cost and what it reached, for comparisons at equal compute."""
         if not self.env.main:
             return
-        summary = dict(method=self.args.method, arch=self.args.arch, flops=step * self.flops_per_step, steps=step)
+        summary = {
+            "method": self.args.method,
+            "arch": self.args.arch,
+            "flops": step * self.flops_per_step,
+            "steps": step,
+        }
         summary.update(images_seen=step * self.args.batch, wall_time_s=self.elapsed, knn_top1=self.knn_top1)
         write_json(os.path.join(self.args.out, "summary.json"), summary)
 
@@ -1179,23 +1209,10 @@ def knn_predict(train_feats, train_labels, test_feats, k=20, temperature=0.07, c
     return torch.cat(preds)
 
 
-def knn_monitor(backbone, args, env, epoch, epochs):
-    """k-NN top-1 every --knn-every epochs and after the last of `epochs`; {} otherwise or without labels."""
-    last = epoch + 1 == epochs
-    if not args.knn_every or ((epoch + 1) % args.knn_every and not last):
-        return {}
-    knn = knn_eval(backbone, args, env)
-    if knn and env.main:
-        print(f"epoch {epoch}: k-NN top-1 {knn['knn_top1']:.2f}")
-    elif env.main and last:
-        print("k-NN monitor skipped: the data set has no labelled train/ and val/ (or test/)")
-    return knn or {}
-
-
-def knn_eval(backbone, args, env, ks=(20, 200)):
-    """k-NN top-1 (%) of the backbone on the test split with the training split as memory; None if unlabelled."""
-    splits = labelled_splits(args)
-    return None if splits is None else knn_accuracy(*split_features(backbone, splits, args, env), ks)
+def knn_accuracy(train_f, train_l, test_f, test_l, ks=(20, 200)):
+    """{'knn_top1': top-1 % at ks[0], 'knn_top1_k<k>': at the others}."""
+    top1 = {k: 100.0 * (knn_predict(train_f, train_l, test_f, k) == test_l).float().mean().item() for k in ks}
+    return {("knn_top1" if k == ks[0] else f"knn_top1_k{k}"): v for k, v in top1.items()}
 
 
 def labelled_splits(args, subset=0):
@@ -1212,7 +1229,20 @@ def split_features(backbone, splits, args, env):
     return [t for ds in splits for t in extract_features(backbone, Augmented(ds, transform), args, env)]
 
 
-def knn_accuracy(train_f, train_l, test_f, test_l, ks=(20, 200)):
-    """{'knn_top1': top-1 % at ks[0], 'knn_top1_k<k>': at the others}."""
-    top1 = {k: 100.0 * (knn_predict(train_f, train_l, test_f, k) == test_l).float().mean().item() for k in ks}
-    return {("knn_top1" if k == ks[0] else f"knn_top1_k{k}"): v for k, v in top1.items()}
+def knn_eval(backbone, args, env, ks=(20, 200)):
+    """k-NN top-1 (%) of the backbone on the test split with the training split as memory; None if unlabelled."""
+    splits = labelled_splits(args)
+    return None if splits is None else knn_accuracy(*split_features(backbone, splits, args, env), ks)
+
+
+def knn_monitor(backbone, args, env, epoch, epochs):
+    """k-NN top-1 every --knn-every epochs and after the last of `epochs`; {} otherwise or without labels."""
+    last = epoch + 1 == epochs
+    if not args.knn_every or ((epoch + 1) % args.knn_every and not last):
+        return {}
+    knn = knn_eval(backbone, args, env)
+    if knn and env.main:
+        print(f"epoch {epoch}: k-NN top-1 {knn['knn_top1']:.2f}")
+    elif env.main and last:
+        print("k-NN monitor skipped: the data set has no labelled train/ and val/ (or test/)")
+    return knn or {}

@@ -4,8 +4,12 @@ Mathilde Caron, Hugo Touvron, Ishan Misra, et al. ICCV 2021. https://arxiv.org/a
 A student sees 2 global and several local crops; a teacher (an EMA of the student, no gradient) sees the 2
 global crops. The student matches the teacher's centred, sharpened softmax over K prototypes on other crops.
 
+CPU demo (DEMO_DINO):
+    python dino.py --dataset synthetic --arch resnet18 --width 0.25 --stem cifar --batch 64 --epochs 6 \\
+        --optimizer sgd --lr 0.3 --wd 5e-4 --wd-end 5e-4 --warmup-epochs 1 --aug simclr-cifar --bn-in-head 1 \\
+        --local-crops 0 --out-dim 256 --ema 0.9 --workers 2 --knn-every 3
+
 Usage:
-    python dino.py --dataset synthetic --arch resnet18 --stem imagenet --batch 64 --epochs 6 --local-crops 2
     torchrun --nproc_per_node=8 dino.py --dataset imagenet --data /data/imagenet --batch 1024
     python dino.py --dataset cifar10 --arch vit_tiny --batch 256 --local-crops 0 --out-dim 4096 --ema 0.9995  # CIFAR
     python eval_linear.py --ckpt runs/dino/backbone.pt
@@ -21,8 +25,8 @@ import argparse
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import common
 

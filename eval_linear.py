@@ -12,7 +12,7 @@ Protocols:
       the classifier is retrained on the whole training set.
   augmented: the papers' protocol, a random resized crop and flip every epoch through the frozen backbone
       (BatchNorm in inference mode); SimCLR's App. B.5 uses 90 epochs, Nesterov SGD, lr 0.1 x B/256.
-  --bn-head puts BatchNorm1d(affine=False) before the linear layer (MAE's linear probe, RECIPES.md 0.3); on by
+  --bn-head puts BatchNorm1d(affine=False) before the linear layer (MAE's linear probe); on by
       default for MAE backbones.
 k-NN: weighted cosine k-NN as DINO's eval_knn (k 20 and 200, T 0.07) on the same features.
 
@@ -22,10 +22,11 @@ The last line printed is a JSON object with linear_top1 and knn_top1 (%); it is 
 import argparse
 import json
 import os
+import pickle
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 import common
@@ -89,9 +90,15 @@ def resolve(args):
         if os.path.isfile(path):
             with open(path) as f:
                 run = json.load(f)
-    defaults = dict(
-        dataset="synthetic", data=None, arch="resnet18", width=1.0, img_size=None, patch_size=None, stem="auto"
-    )
+    defaults = {
+        "dataset": "synthetic",
+        "data": None,
+        "arch": "resnet18",
+        "width": 1.0,
+        "img_size": None,
+        "patch_size": None,
+        "stem": "auto",
+    }
     filled = {key: run.get(key, default) for key, default in defaults.items() if getattr(args, key) is None}
     method = run.get("method")
     bn_head = ("on" if method == "mae" else "off") if args.bn_head == "auto" else args.bn_head
@@ -105,7 +112,7 @@ def load_backbone(args):
         return backbone
     try:
         state = torch.load(args.ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise common.UserError(f"{args.ckpt} is not a checkpoint torch can read ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict):
         raise common.UserError(f"{args.ckpt} is not a state_dict; give the backbone.pt a run wrote")

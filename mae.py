@@ -4,10 +4,15 @@ Kaiming He, Xinlei Chen, Saining Xie, Yanghao Li, Piotr Dollar, Ross Girshick. C
 A ViT encoder sees a random 25% of the patches; a light decoder gets them plus mask tokens at every position
 and predicts the pixels of the removed patches (MSE on those only, targets normalised per patch).
 
+CPU demo: 5 min on 2 cores (AVX2, fp32), ViT-tiny with 8 px patches; the loss falls from 1.20 to 0.73. MAE's
+features need a trained classifier: the BatchNorm linear probe (python eval_linear.py --ckpt runs/mae/backbone.pt)
+reads 52.5 against 38.9 for the same ViT at random init, but the k-NN monitor reads 21.1 against 29.9:
+    python mae.py --dataset synthetic --arch vit_tiny --patch-size 8 --batch 64 --epochs 5 --warmup-epochs 1 \\
+        --lr 2e-3 --decoder-dim 128 --decoder-depth 2 --workers 2 --knn-every 1
+
 Usage:
-    python mae.py --dataset synthetic --arch vit_tiny --batch 64 --epochs 6 --decoder-dim 128 --decoder-depth 2
     torchrun --nproc_per_node=8 mae.py --dataset imagenet --data /data/imagenet --batch 4096
-    python mae.py <the run's flags> --recon     # write recon.png (images, visible patches, reconstruction) and exit
+    python mae.py --out runs/mae --recon      # with the run's other flags: recon.png from its checkpoint, then exit
     python eval_linear.py --ckpt runs/mae/backbone.pt         # BatchNorm probe on [CLS], as MAE's linear probing
 
 Defaults: the paper's ViT-B/16 recipe: mask 0.75, fixed sine-cosine position embeddings, decoder 512 wide, 8
@@ -20,9 +25,9 @@ import argparse
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 import common
 

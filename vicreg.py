@@ -3,12 +3,25 @@ Adrien Bardes, Jean Ponce, Yann LeCun. ICLR 2022. https://arxiv.org/abs/2105.049
 
 Two views pass through one encoder and a wide expander. The loss keeps the embeddings of the two views close,
 every dimension's std over the batch above 1, and the dimensions decorrelated. No negatives, no target.
+Normalised as the official code: invariance = F.mse_loss (a mean over the batch and the d dimensions) on this
+process's batch; per branch, on the batch gathered over the processes and centred, the variance term is
+relu(1 - sqrt(var + 1e-4)) averaged over the dimensions and halved, and the covariance term is the squared
+off-diagonal entries of X^T X / (n - 1), summed and divided by d. Garrido et al. 2023's duals: --variant exp
+repels each covariance row through LogSumExp(c / --temperature) over its off-diagonal entries (their Eq. 11),
+and --variant ctr is exp on the transposed batch, so that the statistics run over the dimensions.
+
+CPU demo: 5 min on 2 cores (AVX2, fp32), a quarter-width ResNet-18 with the CIFAR stem; the k-NN monitor reads
+20.6 after 3 epochs and 21.8 after 6, against 15.6 for the same network at random init with BatchNorm statistics
+of the data (eval_linear.py --ckpt random --bn-stats data; 34.5 with its initial statistics, which normalise
+nothing):
+    python vicreg.py --dataset synthetic --arch resnet18 --width 0.25 --stem cifar --batch 64 --epochs 6 \\
+        --optimizer sgd --lr 0.3 --wd 5e-4 --warmup-epochs 1 --aug simclr-cifar --mlp 1024-1024-1024 \\
+        --workers 2 --knn-every 3
 
 Usage:
-    python vicreg.py --dataset synthetic --arch resnet18 --stem imagenet --batch 64 --epochs 6     # CPU demo
     torchrun --nproc_per_node=8 vicreg.py --dataset imagenet --data /data/imagenet --batch 2048
     python vicreg.py --dataset cifar10 --arch resnet18 --batch 256 --epochs 1000 --lr 0.3 --wd 1e-4 \\
-        --mlp 2048-2048-2048 --aug vicreg-symmetric    # solo-learn's CIFAR-10 recipe, 92.1 (RECIPES.md 7.1)
+        --mlp 2048-2048-2048 --aug vicreg-symmetric    # solo-learn's CIFAR-10 recipe: 92.1 linear top-1
     python eval_linear.py --ckpt runs/vicreg/backbone.pt
 
 Defaults: the paper's ImageNet recipe: ResNet-50, expander 8192-8192-8192, LARS lr 0.2 x B/256, wd 1e-6,
@@ -21,8 +34,8 @@ import argparse
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 import common
 

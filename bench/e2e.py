@@ -20,11 +20,11 @@ import tempfile
 import time
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+import common
 
 
 def get_args(argv=None):
@@ -45,7 +45,7 @@ def ours(args):
                "--img-size", "32", "--batch", str(args.batch), "--workers", str(args.workers), "--aug",
                "simclr-cifar", "--optimizer", "sgd", "--lr", "0.06", "--wd", "5e-4", "--mlp", "2048-128",
                "--knn-every", "0", "--log-every", str(args.steps // 2), "--out", out]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode:
             raise common.UserError(f"simclr.py failed: {proc.stderr.strip().splitlines()[-1]}")
         times = [r["time"] for r in common.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
@@ -88,8 +88,10 @@ def main(argv=None):
         results["lightly"].append(lightly_run(args))
         print(f"round {r}: simclr.py {results['ours'][-1]:.1f} img/s, lightly {results['lightly'][-1]:.1f} img/s")
     best = {k: max(v) for k, v in results.items()}
-    print(json.dumps(dict(batch=args.batch, workers=args.workers, steps=args.steps, simclr_py_img_per_s=round(best["ours"], 1),
-                          lightly_img_per_s=round(best["lightly"], 1), ratio=round(best["ours"] / best["lightly"], 2))))  # fmt: skip
+    result = {"batch": args.batch, "workers": args.workers, "steps": args.steps}
+    result["simclr_py_img_per_s"], result["lightly_img_per_s"] = round(best["ours"], 1), round(best["lightly"], 1)
+    result["ratio"] = round(best["ours"] / best["lightly"], 2)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

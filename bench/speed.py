@@ -28,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
+import common
 
 METHODS = ("simclr", "byol", "vicreg", "dino", "mae")
 CLASSES = {"simclr": "SimCLR", "byol": "BYOL", "vicreg": "VICReg", "dino": "DINO", "mae": "MAE"}
@@ -142,8 +142,8 @@ def bench_pipeline(args):
         if lightly is not None:
             theirs.append(time_lightly(lightly, dataset, n, args.batch))
         print(f"round {r}: ours {ours[-1]:.1f} img/s" + (f", lightly {theirs[-1]:.1f} img/s" if theirs else ""))
-    result = dict(recipe=args.recipe, aug=name, img_size=args.img_size, views=views.sizes, n=n,
-                  img_per_s_per_core=round(max(ours), 1))  # fmt: skip
+    result = {"recipe": args.recipe, "aug": name, "img_size": args.img_size, "views": views.sizes, "n": n,
+                  "img_per_s_per_core": round(max(ours), 1)}  # fmt: skip
     if theirs:
         result.update(lightly_img_per_s_per_core=round(max(theirs), 1), ratio=round(max(ours) / max(theirs), 2))
     return result
@@ -167,6 +167,15 @@ def matmul_flops(device, size=2048, repeat=5):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def train_step(model, inputs, optimizer, amp, scaler):
+    with amp():
+        loss, _ = model(inputs)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def bench_step(args):
@@ -196,28 +205,21 @@ def bench_step(args):
         batch = [torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8) for s in views.sizes]
         inputs = common.to_device(batch, margs, env)
 
-        def step():
-            with amp():
-                loss, _ = model(inputs)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
         for _ in range(2):
-            step()
+            train_step(model, inputs, optimizer, amp, scaler)
         sync(device)
         start = time.perf_counter()
         for _ in range(args.steps):
-            step()
+            train_step(model, inputs, optimizer, amp, scaler)
         sync(device)
         seconds = (time.perf_counter() - start) / args.steps
-        row = dict(method=method, arch=arch, views=views.sizes, img_per_s=round(args.batch / seconds, 1),
-                   flop_per_s=f"{flops / seconds:.3g}", fraction_of_matmul=round(flops / seconds / ceiling, 3))  # fmt: skip
+        row = {"method": method, "arch": arch, "views": views.sizes, "img_per_s": round(args.batch / seconds, 1)}
+        row.update(flop_per_s=f"{flops / seconds:.3g}", fraction_of_matmul=round(flops / seconds / ceiling, 3))
         print(row)
         results.append(row)
-    return dict(device=str(device), threads=torch.get_num_threads(), amp=args.amp, compile=args.compile,
-                batch=args.batch, img_size=args.img_size, matmul_flop_per_s=f"{ceiling:.3g}", steps=results)  # fmt: skip
+    report = {"device": str(device), "threads": torch.get_num_threads(), "amp": args.amp, "compile": args.compile}
+    report.update(batch=args.batch, img_size=args.img_size, matmul_flop_per_s=f"{ceiling:.3g}", steps=results)
+    return report
 
 
 def main(argv=None):

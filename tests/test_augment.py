@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import v2
 
 import common
 
@@ -140,6 +140,7 @@ def test_jpeg_draft_decodes_at_reduced_size_never_below_the_views(tmp_path):
     assert common.ImageFiles(str(tmp_path), draft_side=150)[0][0].shape == (3, 200, 300)
 
 
+@pytest.mark.slow
 def test_gpu_aug_trains_like_the_worker_path(tmp_path):
     """--gpu-aug renders the same draws in to_device: the first losses match the worker path's closely."""
     from conftest import TINY, run_script

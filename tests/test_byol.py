@@ -55,7 +55,7 @@ def test_target_gets_no_gradient_and_is_not_optimised():
 def test_ema_update_by_hand_for_parameters_and_buffers():
     torch.manual_seed(0)
     net = tiny_byol()
-    net(([torch.randn(4, 3, 32, 32)] * 2))  # move the BN running statistics away from their init
+    net([torch.randn(4, 3, 32, 32)] * 2)  # move the BN running statistics away from their init
     online = {
         **{f"0.{k}": v.clone() for k, v in net.backbone.state_dict().items()},
         **{f"1.{k}": v.clone() for k, v in net.projector.state_dict().items()},

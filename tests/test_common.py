@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torchvision
 from conftest import spawn
+from torch import nn
 
 import common
 
@@ -90,7 +90,7 @@ def test_gather_is_identity_without_process_group():
 
 
 def make_args(**kw):
-    base = dict(arch="resnet18", width=1.0, img_size=32, stem="auto", patch_size=4)
+    base = {"arch": "resnet18", "width": 1.0, "img_size": 32, "stem": "auto", "patch_size": 4}
     return SimpleNamespace(**{**base, **kw})
 
 

@@ -11,9 +11,8 @@ import shlex
 import subprocess
 
 import pytest
-from conftest import ROOT
+from conftest import METHODS, ROOT
 
-METHODS = [m for m in ("simclr", "byol", "vicreg", "dino", "mae") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 # changed lines of GNU diff between the scripts without their module docstrings
 BUDGETS = {
     ("simclr", "byol"): 70,
@@ -97,7 +96,7 @@ def readme():
 
 
 def code_blocks(text):
-    return re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
+    return re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def script_commands(text):
@@ -107,7 +106,7 @@ def script_commands(text):
     for code in code_blocks(text):
         code = re.sub(r"\\\n", " ", code)
         variables = {}
-        for name, value in re.findall(r'^(\w+)="(.*?)"', code, flags=re.S | re.M):
+        for name, value in re.findall(r'^(\w+)="(.*?)"', code, flags=re.DOTALL | re.MULTILINE):
             variables[name] = " ".join(value.split())
         for line in code.splitlines():
             words = shlex.split(line, comments=True)
@@ -137,3 +136,31 @@ def test_every_readme_command_is_accepted_by_its_script():
             module.get_args(argv)  # argparse exits on an unknown flag or value; check_args raises on a bad one
         except SystemExit:
             pytest.fail(f"{script} refuses the README's command: {shlex.join(argv)}")
+
+
+def docstring_demo(method):
+    """The argv of the first command after the 'CPU demo' paragraph of the script's docstring, continuation lines
+    joined."""
+    lines = importlib.import_module(method).__doc__.splitlines()
+    demo = next(i for i, line in enumerate(lines) if line.startswith("CPU demo"))
+    start = next(i for i in range(demo, len(lines)) if lines[i].strip().startswith("python "))
+    command = []
+    for line in lines[start:]:
+        command.append(line.strip().removesuffix("\\"))
+        if not line.rstrip().endswith("\\"):
+            break
+    words = shlex.split(" ".join(command))
+    assert words[:2] == ["python", f"{method}.py"], words
+    return words[2:]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_docstring_demo_is_a_valid_synthetic_command(method):
+    argv = docstring_demo(method)
+    args = importlib.import_module(method).get_args(argv)
+    assert args.dataset == "synthetic" and "--out" not in argv
+
+
+def test_the_readme_demo_is_simclrs_docstring_demo():
+    demos = [argv for script, argv in script_commands(readme()) if script == "simclr.py" and "synthetic" in argv]
+    assert docstring_demo("simclr") in demos

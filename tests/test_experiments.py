@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import TINY, run_script
-from test_scripts import METHODS, read_log
+from conftest import METHODS, TINY, run_script
+from test_scripts import read_log
 
 import common
 import simclr
@@ -51,6 +51,7 @@ def test_noise_only_keeps_the_whole_image_and_adds_noise():
     assert not torch.equal(a, b) and ((a - clean) * std).std().item() == pytest.approx(0.1, rel=0.05)
 
 
+@pytest.mark.slow
 def test_budget_flops_sets_the_length_and_summary_json(tmp_path):
     flags = [*TINY, "--knn-every", 0, "--warmup-epochs", 0.5]
     run_script("simclr.py", *flags, "--epochs", 1, "--out", tmp_path / "one")

@@ -7,7 +7,6 @@ import pytest
 import torch
 from conftest import TINY, merge_flags, run_script
 
-import common
 import mae
 
 
@@ -91,6 +90,7 @@ def test_mae_model_encodes_visible_patches_only():
     assert pred.shape == (2, 16, 8 * 8 * 3) and mask.sum().item() == 2 * 12
 
 
+@pytest.mark.slow
 def test_mae_run_reconstruction_loss_falls_and_recon_png(tmp_path):
     from PIL import Image
 

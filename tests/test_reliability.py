@@ -55,6 +55,7 @@ def image_folder(root, n_per_class=24, size=32):
 # AMP and non-finite losses (kill safety and exact resume: test_scripts.py)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_runs_and_its_grad_scaler_survives_resume(amp, tmp_path):
     """AMP on CPU with a tiny model (fp16 convolutions are very slow on CPU, so fp16 uses a ViT): killed after the
@@ -76,6 +77,7 @@ def test_amp_runs_and_its_grad_scaler_survives_resume(amp, tmp_path):
         assert sa == sb == {}  # bf16 needs no loss scaling: the scaler is disabled
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(trained, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained, out)
@@ -98,6 +100,7 @@ BAD_FLAGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_FLAGS)
 def test_bad_flags(case, trained, tmp_path):
     out = tmp_path / "run"
@@ -108,6 +111,7 @@ def test_bad_flags(case, trained, tmp_path):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_empty_folder_and_folder_without_train(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     flags = [*TINY, "--dataset", "folder", "--data", tmp_path / "data", "--out", tmp_path / "run"]
@@ -116,12 +120,14 @@ def test_empty_folder_and_folder_without_train(tmp_path):
     assert_one_line_error(run_script("simclr.py", *flags, check=False), "has no train/ folder", "expected")
 
 
+@pytest.mark.slow
 def test_out_not_writable(tmp_path):
     (tmp_path / "a_file").write_text("")
     proc = run_script("simclr.py", *TINY, "--out", tmp_path / "a_file" / "run", check=False)
     assert_one_line_error(proc, "cannot create --out", "choose a writable folder")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("other", [["byol.py"], ["simclr.py", "--arch", "resnet50"]])
 def test_out_holding_another_run_is_refused_and_untouched(other, trained, tmp_path):
     out = tmp_path / "run"
@@ -133,6 +139,7 @@ def test_out_holding_another_run_is_refused_and_untouched(other, trained, tmp_pa
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_processes(tmp_path):
     proc = run_script("simclr.py", *TINY, "--batch", 33, "--out", tmp_path, torchrun=2, check=False)
     assert proc.returncode != 0
@@ -151,6 +158,7 @@ def write_a_list(folder):
     return folder / "list.pt"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "make,message",
     [(lambda d: d / "missing.pt", "does not exist"), (write_text_file, "is not a checkpoint torch can read"),
@@ -166,6 +174,7 @@ def test_eval_linear_bad_checkpoint(make, message, tmp_path):
 # Image folders: every mode works; one corrupt file stops the run and names it
 
 
+@pytest.mark.slow
 def test_image_modes_become_rgb_and_a_folder_run_works(tmp_path):
     data = image_folder(tmp_path / "data")
     ds = common.ImageFiles(str(data / "train"))
@@ -178,6 +187,7 @@ def test_image_modes_become_rgb_and_a_folder_run_works(tmp_path):
     assert (tmp_path / "run" / "backbone.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_image_is_named(workers, tmp_path):
     data = image_folder(tmp_path / "data")

@@ -11,28 +11,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torchvision
-from conftest import ROOT, kill_during_save, merge_flags, run_script
+from conftest import (
+    DINO_LEARN,
+    DINO_NET,
+    EXTRA,
+    LEARN,
+    METHODS,
+    ROOT,
+    kill_during_save,
+    merge_flags,
+    run_script,
+)
 
 import common
 
-METHODS = [
-    m
-    for m in ("simclr", "byol", "vicreg", "dino", "mae")
-    if os.path.exists(os.path.join(os.path.dirname(__file__), "..", f"{m}.py"))
-]
 REQUIRED = {"epoch", "step", "loss", "lr", "img_per_s", "flops", "time"}
-# Small heads keep the CPU runs short.
-EXTRA = {
-    "simclr": [],
-    "byol": ["--mlp", "64-32", "--ema", "0.99"],
-    "vicreg": ["--mlp", "128-128-128"],
-    "dino": ["--mlp", "64-64-32", "--out-dim", "128", "--local-crops", "2", "--warmup-teacher-temp-epochs", "2"],
-    "mae": ["--arch", "vit_tiny", "--patch-size", "8", "--decoder-dim", "32", "--decoder-depth", "1"],
-}
-# Short runs on synthetic data (ResNet-18, ImageNet stem, 32 px, AdamW, the full SimCLR colour distortion).
-LEARN = ["--dataset", "synthetic", "--arch", "resnet18", "--stem", "imagenet", "--img-size", "32", "--batch", "64",
-         "--workers", "2", "--optimizer", "adamw", "--lr", "2e-3", "--wd", "1e-4", "--warmup-epochs", "1",
-         "--aug", "simclr"]  # fmt: skip
 
 
 def read_log(out):
@@ -58,6 +51,10 @@ def kill_after_first_checkpoint(argv):
 # Every script is killed after its first checkpoint (0 loader workers); SimCLR and DINO also half-way through
 # writing epoch 1's checkpoint, with 2 loader workers (the uninterrupted run has 0).
 KILLS = [(m, "after-checkpoint") for m in METHODS] + [(m, "mid-write") for m in ("simclr", "dino") if m in METHODS]
+# The quick tier keeps one end-to-end run: SimCLR killed after its first checkpoint and resumed.
+KILLS = [
+    case if case == ("simclr", "after-checkpoint") else pytest.param(*case, marks=pytest.mark.slow) for case in KILLS
+]
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +114,7 @@ def test_simclr_backbone_loads_into_torchvision(trained):
     assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and not result.unexpected_keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_torchrun_two_processes(method, tiny, tmp_path):
     run_script(f"{method}.py", *merge_flags(tiny, EXTRA[method], ["--epochs", 1]), "--out", tmp_path, torchrun=2)
@@ -173,6 +171,7 @@ def test_bn_stats_from_data_are_the_mean_and_variance_of_the_images():
     assert all(m.momentum == 0.1 for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
+@pytest.mark.slow
 def test_eval_linear_refuses_a_checkpoint_of_another_arch(trained):
     proc = run_script("eval_linear.py", "--ckpt", trained / "backbone.pt", "--arch", "resnet50", check=False)
     assert proc.returncode == 2 and "does not fit --arch resnet50" in proc.stderr and "Traceback" not in proc.stderr
@@ -192,6 +191,7 @@ def test_eval_linear_takes_the_width_from_the_run(tmp_path):
         eval_linear.load_backbone(wrong)
 
 
+@pytest.mark.slow
 def test_simclr_learns_on_synthetic_data(tmp_path):
     """5 epochs (310 steps) lift k-NN top-1 clearly above the same network at random init."""
     run_script("simclr.py", *LEARN, "--epochs", 5, "--temperature", 0.2, "--knn-every", 5, "--out", tmp_path)
@@ -204,12 +204,16 @@ def test_simclr_learns_on_synthetic_data(tmp_path):
     assert trained > random["knn_top1"] + 10
 
 
-# DINO on the network and recipe of the README's CIFAR run (ResNet-18 a quarter wide with the CIFAR stem, BatchNorm
-# head, no local crops, SGD), with K 256, EMA 0.9 (solo-learn's CIFAR momentum) and lr 0.3 so that 6 epochs suffice.
-DINO_NET = ["--dataset", "synthetic", "--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--img-size", "32"]
-DINO_LEARN = [*DINO_NET, "--batch", "64", "--workers", "2", "--optimizer", "sgd", "--lr", "0.3", "--wd", "5e-4",
-              "--wd-end", "5e-4", "--warmup-epochs", "1", "--aug", "simclr-cifar", "--bn-in-head", "1",
-              "--local-crops", "0", "--out-dim", "256", "--ema", "0.9"]  # fmt: skip
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_docstring_demo_runs(method, tmp_path):
+    """Each script's docstring demo, as written but one epoch on 128 images with the k-NN monitor at its end:
+    the demo line cannot rot."""
+    from test_design import docstring_demo
+
+    short = ["--epochs", 1, "--subset", 128, "--workers", 0, "--knn-every", 1]
+    run_script(f"{method}.py", *merge_flags(docstring_demo(method), short), "--out", tmp_path)
+    assert "knn_top1" in read_log(tmp_path)[-1]
 
 
 def knn_with_data_bn_stats(ckpt, *flags):
@@ -217,6 +221,7 @@ def knn_with_data_bn_stats(ckpt, *flags):
     return json.loads(proc.stdout.splitlines()[-1])["knn_top1"]
 
 
+@pytest.mark.slow
 def test_dino_learns_on_synthetic_data(tmp_path):
     """6 epochs (372 steps) lift k-NN top-1 above the same network at random init, both scored with BatchNorm
     statistics of the training images (eval_linear --bn-stats data), the state any trained network is in. Not
@@ -238,6 +243,7 @@ def test_dino_learns_on_synthetic_data(tmp_path):
 SLOW_STARTERS = {"byol": (["--ema", "0.99", "--mlp", "1024-256"], 0.7), "vicreg": (["--mlp", "1024-1024-1024"], 0.95)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in METHODS if m in SLOW_STARTERS])
 def test_learns_loss_falls_on_synthetic_data(method, tmp_path):
     """BYOL and VICReg need more steps than a CI test can give before k-NN rises above a random network's
