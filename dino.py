@@ -4,7 +4,10 @@ Mathilde Caron, Hugo Touvron, Ishan Misra, et al. ICCV 2021. https://arxiv.org/a
 A student sees 2 global and several local crops; a teacher (an EMA of the student, no gradient) sees the 2
 global crops. The student matches the teacher's centred, sharpened softmax over K prototypes on other crops.
 
-CPU demo (DEMO_DINO):
+CPU demo: 12 min on 2 cores (AVX2, fp32, partly shared), a quarter-width ResNet-18 with the CIFAR stem and the
+BatchNorm head; the k-NN monitor reads 26.2 after 3 epochs and 25.1 after 6, against 15.6 for the same network at
+random init with BatchNorm statistics of the data (eval_linear.py --ckpt random --bn-stats data; 34.5 with its
+initial statistics, which normalise nothing):
     python dino.py --dataset synthetic --arch resnet18 --width 0.25 --stem cifar --batch 64 --epochs 6 \\
         --optimizer sgd --lr 0.3 --wd 5e-4 --wd-end 5e-4 --warmup-epochs 1 --aug simclr-cifar --bn-in-head 1 \\
         --local-crops 0 --out-dim 256 --ema 0.9 --workers 2 --knn-every 3
