@@ -12,8 +12,8 @@ Protocols:
       the classifier is retrained on the whole training set.
   augmented: the papers' protocol, a random resized crop and flip every epoch through the frozen backbone
       (BatchNorm in inference mode); SimCLR's App. B.5 uses 90 epochs, Nesterov SGD, lr 0.1 x B/256.
-  --bn-head puts BatchNorm1d(affine=False) before the linear layer (MAE's linear probe); on by
-      default for MAE backbones.
+  --bn-head puts BatchNorm1d(affine=False) before the linear layer (MAE's linear probe); on by default for MAE
+      backbones.
 k-NN: weighted cosine k-NN as DINO's eval_knn (k 20 and 200, T 0.07) on the same features.
 
 The last line printed is a JSON object with linear_top1 and knn_top1 (%); it is also written to --out.
