@@ -401,14 +401,19 @@ class EpochSampler(Sampler):
         return iter([(self.epoch, i) for i in order[start : start + self.per_rank]])
 
 
-def train_loader(args, env, views):
-    """Batches of (views, labels) for this process (--batch / processes images each): uint8 views rendered in the
-    workers, or with --gpu-aug RawViews that Views.render_on_device renders on the training device."""
+def per_process_batch(args, env):
+    """This process's share of the global --batch, which must split evenly over the processes."""
     if args.batch % env.world:
         raise UserError(
             f"--batch {args.batch} is not divisible by the {env.world} processes; pick a multiple of {env.world}"
         )
-    local_batch = args.batch // env.world
+    return args.batch // env.world
+
+
+def train_loader(args, env, views):
+    """Batches of (views, labels) for this process (--batch / processes images each): uint8 views rendered in the
+    workers, or with --gpu-aug RawViews that Views.render_on_device renders on the training device."""
+    local_batch = per_process_batch(args, env)
     images = build_dataset(args, "train", draft_side=max(views.sizes))
     dataset = Augmented(images, views.draw, args.seed)
     sampler = EpochSampler(len(dataset), args.seed, local_batch)
@@ -963,7 +968,7 @@ def flop_count(net, views):
 def count_step_flops(net, sizes, args, env):
     """FLOPs of one training step (forward and backward, every view) summed over the processes, counted once on
     blank views of the given sides. Buffers (BN statistics, centers) and RNG are restored afterwards."""
-    local_batch = args.batch // env.world
+    local_batch = per_process_batch(args, env)
     views = to_device([torch.zeros(local_batch, 3, s, s, device=env.device) for s in sizes], args, env)
     return flop_count(net, views) * env.world
 
@@ -1077,11 +1082,12 @@ def read_log(path):
 
 
 def truncate_log(path, step):
-    """Drop the records logged after `step`, the checkpoint's."""
+    """Drop the records logged after `step`, the checkpoint's; returns the records kept."""
     kept = [record for record in read_log(path) if record["step"] <= step]
     with open(f"{path}.tmp", "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in kept)
     os.replace(f"{path}.tmp", path)
+    return kept
 
 
 class TrainLog:
@@ -1095,10 +1101,7 @@ class TrainLog:
         self.args, self.env, self.flops_per_step = args, env, flops_per_step
         self.bar, self.loss_sum, self.scalars, self.count = None, 0.0, {}, 0
         self.path = os.path.join(args.out, "log.jsonl")
-        records = []
-        if env.main:
-            truncate_log(self.path, step)
-            records = read_log(self.path)
+        records = truncate_log(self.path, step) if env.main else []
         self.tick = time.perf_counter()
         self.elapsed = records[-1].get("time", 0.0) if records else 0.0  # training wall time at the last record
         self.start = self.tick - self.elapsed
