@@ -138,7 +138,10 @@ def init(args, out_dir=None):
     """Start this process: join torchrun's process group (NCCL on CUDA, gloo on CPU), pick the device, turn on
     TF32 and cuDNN autotuning, seed every RNG with --seed + rank, and create out_dir when given (rank 0)."""
     cuda = torch.cuda.is_available()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    # Under torchrun (which sets TORCHELASTIC_RUN_ID) even one process joins the group: DDP and SyncBatchNorm
+    # then run at any process count.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         if cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -160,11 +163,11 @@ def init(args, out_dir=None):
 
 
 def distribute(net, args, env):
-    """channels_last for ResNets, SyncBatchNorm and DDP when distributed on CUDA, torch.compile on request."""
+    """channels_last for ResNets, DDP under torchrun (with SyncBatchNorm on CUDA), torch.compile on request."""
     if args.arch.startswith("resnet"):
         net = net.to(memory_format=torch.channels_last)
     model = net
-    if env.world > 1:
+    if dist.is_initialized():
         if env.device.type == "cuda":  # SyncBatchNorm has no CPU kernel; on CPU each process normalises its own batch
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         device_ids = [env.device.index] if env.device.type == "cuda" else None

@@ -153,8 +153,9 @@ def bench_pipeline(args):
 # Training steps
 
 
-def matmul_flops(device, size=2048, repeat=5):
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_flops(device, size=2048, repeat=5, dtype=torch.float32):
+    """FLOP/s of a square matmul: the ceiling the training steps are measured against."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     a @ b
     sync(device)
     start = time.perf_counter()
