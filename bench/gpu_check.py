@@ -7,9 +7,10 @@ SyncBatchNorm, DDP); a kill and a resume; eval_linear.py on a backbone the check
     python bench/gpu_check.py --out /tmp/gpu-check --checks dino-bf16,resume    # rerun some checks
 
 Each check runs in processes of its own, so a crash or a hang costs that check only (with a timeout per check and
---time-limit for the whole run, after which the remaining checks are skipped). <out>/gpu_check.json holds one
-entry per check and is rewritten after every check, so a run cut short keeps what it measured; stdout ends with a
-table. A training check reports images/s after warm-up (the median of log.jsonl's intervals after the first, which
+--time-limit for the whole run, after which the remaining checks are skipped). <out>/gpu_check.json, the only
+file written there, holds one entry per check and is rewritten after every check, so a run cut short keeps what
+it measured; stdout ends with a table. The runs themselves (checkpoints of up to a GB) go to --runs, by default a
+temporary folder removed at the end. A training check reports images/s after warm-up (the median of log.jsonl's intervals after the first, which
 holds the compilation), peak GPU memory, the step's FLOP/s (the project's own FLOP counter) as a fraction of a
 large bf16 matmul's measured in the same process, the final loss (it must be finite), and the path the shared
 helpers took: compiled, DDP, process-group backend, SyncBatchNorm layers, channels_last, autocast dtype,
@@ -26,14 +27,17 @@ covers autocast on the CPU).
 """
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -72,12 +76,13 @@ TINY = {
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    p.add_argument("--out", required=True, help="folder for the report (gpu_check.json) and the runs it trains")
+    p.add_argument("--out", required=True, help="folder for the report, gpu_check.json (its only file)")
+    p.add_argument("--runs", default=None, help="folder for the runs it trains (default: a temporary one, removed)")
     p.add_argument("--dry-run", action="store_true", help="run every check on the CPU with tiny networks")
     p.add_argument("--checks", default="all", help="comma-separated check names (see the table), or all")
     p.add_argument("--steps", type=int, default=None, help="steps of each bf16 run (default 30; dry run 6)")
     p.add_argument("--workers", type=int, default=None, help="loader workers (default: the cores less 2; dry run 1)")
-    p.add_argument("--time-limit", type=float, default=420, help="seconds for the whole check; later checks skip")
+    p.add_argument("--time-limit", type=float, default=390, help="seconds for the whole check; later checks skip")
     args = p.parse_args(argv)
     if args.steps is not None and args.steps < 2:
         raise common.UserError(f"--steps {args.steps}: give at least 2 (the first interval holds the warm-up)")
@@ -189,6 +194,7 @@ class Checker:
         self.steps = args.steps or (6 if args.dry_run else 30)
         self.workers = args.workers if args.workers is not None else 1 if args.dry_run else max(os.cpu_count() - 2, 1)
         self.report_path = os.path.join(args.out, "gpu_check.json")
+        self.runs = args.runs or tempfile.mkdtemp(prefix="gpu-check-runs-")
         self.device = "cpu" if args.dry_run else "cuda"  # the name a run reports replaces it
 
     def flags(self, method, steps, epochs=1, amp="bf16"):
@@ -201,31 +207,36 @@ class Checker:
     def remaining(self):
         return self.args.time_limit - (time.perf_counter() - self.start)
 
-    def launch(self, cmd, timeout, env=None):
-        """Run cmd in its own process group (loader workers included); returns (returncode, stdout, stderr)."""
-        env = {**os.environ, **(env or {})}
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
-        try:
-            out, err = proc.communicate(timeout=max(timeout, 1))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            return "timeout", out, err
-        finally:
+    def launch(self, cmd, name, timeout, env=None):
+        """Run cmd in a session of its own, its stdout and stderr in files (no pipe for a stray process to hold
+        open); returns (the exit code or "timeout", stdout, stderr)."""
+        paths = [os.path.join(self.runs, f"{name}.{stream}") for stream in ("stdout", "stderr")]
+        with open(paths[0], "w") as out, open(paths[1], "w") as err:
+            env = {**os.environ, **(env or {})}
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # orphaned workers of a killed run
-            except ProcessLookupError:
-                pass
-        return proc.returncode, out, err
+                code = proc.wait(timeout=max(timeout, 1))
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+                proc.terminate()  # torchrun passes SIGTERM on to its workers (they run in sessions of their own)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=20)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # loader workers left behind by a killed run
+            proc.wait()
+        with open(paths[0]) as out, open(paths[1]) as err:
+            return code, out.read(), err.read()
 
-    def train(self, method, folder, flags, timeout, torchrun=False, env=None):
-        """One training run through child(); returns its report, its log's interval records and its numbers."""
-        out = os.path.join(self.args.out, folder)
+    def train(self, method, folder, flags, timeout, torchrun=False, env=None, fresh=True):
+        """One training run through child() in runs/<folder> (emptied first unless not fresh); returns its exit
+        code, report, log records (the intervals), stdout and error."""
+        out = os.path.join(self.runs, folder)
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, os.path.abspath(__file__), "child", method, *flags, "--out", out]
         if torchrun:
             cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-        code, stdout, stderr = self.launch(cmd, min(timeout, self.remaining()), env)
+        code, stdout, stderr = self.launch(cmd, folder, min(timeout, self.remaining()), env)
         reports = [json.loads(line[len(REPORT_MARK) :]) for line in stdout.splitlines() if line.startswith(REPORT_MARK)]
         records = [r for r in common.read_log(os.path.join(out, "log.jsonl")) if "loss" in r]
         run = {"returncode": code, "report": reports[-1] if reports else None, "records": records}
@@ -234,16 +245,17 @@ class Checker:
         run.update(stdout=stdout, error=stderr.strip()[-1500:] if code != 0 else None)
         return run
 
-    def measure(self, run, batch):
+    def measure(self, run):
         """The numbers of a finished training run (see the docstring)."""
         records, report = run["records"], run["report"]
         after_warmup = [r["img_per_s"] for r in records[1:]] or [r["img_per_s"] for r in records]
         img_per_s = statistics.median(after_warmup)
         flops_per_step = records[-1]["flops"] / records[-1]["step"]
         numbers = {"img_per_s": round(img_per_s, 1), "steps": records[-1]["step"], "final_loss": records[-1]["loss"]}
+        numbers["losses"] = [round(r["loss"], 4) for r in records]
         numbers.update(peak_mem_gib=report["peak_mem_gib"], flops_per_step=f"{flops_per_step:.3g}")
         numbers["matmul_flop_per_s"] = f"{report['matmul_flop_per_s']:.3g}"
-        numbers["fraction_of_matmul"] = round(flops_per_step * img_per_s / batch / report["matmul_flop_per_s"], 3)
+        numbers["fraction_of_matmul"] = round(flops_per_step * img_per_s / self.batch / report["matmul_flop_per_s"], 3)
         return {**numbers, "path": report["path"]}
 
     def check_training(self, name, method, compile_, amp, steps, timeout):
@@ -251,7 +263,7 @@ class Checker:
         run = self.train(method, name, flags, timeout)
         if run["returncode"] != 0 or not run["records"] or run["report"] is None:
             return self.failed(run, "the run did not finish")
-        numbers = self.measure(run, self.batch)
+        numbers = self.measure(run)
         if not math.isfinite(numbers["final_loss"]):
             return {"ok": False, **numbers, "error": "non-finite loss"}
         return {"ok": True, **numbers}
@@ -276,7 +288,7 @@ class Checker:
             if run["returncode"] != 0 or not run["records"]:
                 return self.failed(run, f"the {label} run did not finish")
         first = {label: run["records"][0]["loss"] for label, run in runs.items()}
-        speed = {label: self.measure(run, self.batch)["img_per_s"] for label, run in runs.items()}
+        speed = {label: self.measure(run)["img_per_s"] for label, run in runs.items()}
         gap = abs(first["gpu_aug"] - first["workers"]) / abs(first["workers"])
         result = {"ok": gap < 0.03, "first_loss": first, "relative_gap": round(gap, 5), "img_per_s": speed}
         return {**result, "path": runs["gpu_aug"]["report"]["path"]}
@@ -307,7 +319,7 @@ class Checker:
         logged = [r["step"] for r in killed["records"]]
         if killed["returncode"] != -signal.SIGKILL or not logged or logged[-1] <= steps:
             return self.failed(killed, f"not killed after the first checkpoint (steps logged: {logged})")
-        rerun = self.train("simclr", "resume", flags, timeout / 2)
+        rerun = self.train("simclr", "resume", flags, timeout / 2, fresh=False)
         if rerun["returncode"] != 0 or not rerun["records"]:
             return self.failed(rerun, "the resumed run did not finish")
         final_steps = [r["step"] for r in rerun["records"]]
@@ -315,7 +327,7 @@ class Checker:
         after = next(r["loss"] for r in rerun["records"] if r["step"] > steps)
         jump = abs(after - before) / abs(before)
         checks = {
-            "resumed at the checkpoint": f"resumed from {os.path.join(self.args.out, 'resume')}" in rerun["stdout"],
+            "resumed at the checkpoint": f"resumed from {os.path.join(self.runs, 'resume')}" in rerun["stdout"],
             "the killed run's records dropped, each step once": final_steps == sorted(set(final_steps)),
             "all the steps ran": final_steps[-1] == 3 * steps,
             "finite loss": math.isfinite(rerun["records"][-1]["loss"]),
@@ -324,23 +336,24 @@ class Checker:
         failed = [name for name, ok in checks.items() if not ok]
         result = {"ok": not failed, "killed_after_step": logged[-1], "checkpoint_step": steps}
         result.update(loss_before=before, loss_after=after, logged_steps=final_steps)
+        result["losses"] = [round(r["loss"], 4) for r in rerun["records"]]
         return {**result, **({"error": f"failed: {', '.join(failed)}"} if failed else {})}
 
     def check_eval(self, timeout):
         """eval_linear.py (features protocol, 5 epochs) on the first backbone.pt this check trained."""
         folders = ["resume", "simclr-bf16", "torchrun"]
-        ckpt = next((c for f in folders if os.path.isfile(c := os.path.join(self.args.out, f, "backbone.pt"))), None)
+        ckpt = next((c for f in folders if os.path.isfile(c := os.path.join(self.runs, f, "backbone.pt"))), None)
         if ckpt is None:
             return {"ok": False, "error": "no backbone.pt: the training checks failed or were skipped"}
-        result_path = os.path.join(self.args.out, "eval.json")
+        result_path = os.path.join(self.runs, "eval.json")
         cmd = [sys.executable, os.path.join(ROOT, "eval_linear.py"), "--ckpt", ckpt, "--epochs", "5"]
         cmd += ["--workers", str(self.workers), "--out", result_path]
-        code, stdout, stderr = self.launch(cmd, min(timeout, self.remaining()))
+        code, stdout, stderr = self.launch(cmd, "eval", min(timeout, self.remaining()))
         if code != 0 or not os.path.isfile(result_path):
             return {"ok": False, "returncode": code, "error": stderr.strip()[-1500:] or stdout[-500:]}
         with open(result_path) as f:
             result = json.load(f)
-        return {"ok": math.isfinite(result["linear_top1"]), "ckpt": ckpt, **result}
+        return {"ok": math.isfinite(result["linear_top1"]), "ckpt": os.path.relpath(ckpt, self.runs), **result}
 
     def plan(self):
         """(name, function) of every check, in the order they run: a run cut short by --time-limit has covered the
@@ -375,10 +388,13 @@ class Checker:
             if name not in chosen:
                 continue
             started = time.perf_counter()
-            if self.remaining() < 20:
+            if self.remaining() < 30:
                 entry = {"ok": False, "skipped": f"--time-limit {self.args.time_limit:g} s reached"}
             else:
-                entry = check()
+                try:
+                    entry = check()
+                except (KeyError, IndexError, TypeError, ValueError, StopIteration, ZeroDivisionError, OSError) as e:
+                    entry = {"ok": False, "error": f"the check could not read its runs: {type(e).__name__}: {e}"}
             self.entries.append({"check": name, **entry, "seconds": round(time.perf_counter() - started, 1)})
             print(row(self.entries[-1]), flush=True)
             self.write_report()
@@ -415,7 +431,11 @@ def main(argv=None):
     args = get_args(argv)
     checker = Checker(args)
     print(f"{'check':<14}  {'result':<7}  {'img/s':>9}  {'GiB':>7}  {'of mm':>6}  {'loss':>9}  {'s':>6}")
-    ok = checker.run()
+    try:
+        ok = checker.run()
+    finally:
+        if args.runs is None:
+            shutil.rmtree(checker.runs, ignore_errors=True)
     print(f"report: {checker.report_path} ({'all passed' if ok else 'FAILURES'})")
     sys.exit(0 if ok else 1)
 

@@ -31,6 +31,7 @@ def test_dry_run_passes_every_check(tmp_path):
     first = ["simclr-bf16", "dino-bf16", "mae-bf16", "gpu-aug", "torchrun", "resume", "eval", "byol-bf16"]
     assert list(checks) == [*first, "vicreg-bf16", *TRAINING[5:]]
     assert report["dry_run"] and report["device"] == "cpu" and all(e["ok"] for e in checks.values())
+    assert os.listdir(tmp_path) == ["gpu_check.json"]  # the runs went to a temporary folder, removed at the end
     for name in TRAINING:
         entry = checks[name]
         assert entry["img_per_s"] > 0 and 0 < entry["fraction_of_matmul"] < 1, entry
@@ -51,7 +52,7 @@ def test_dry_run_passes_every_check(tmp_path):
     )  # logged every 2 steps and at epoch ends
     expected = [s for s in range(1, total + 1) if s % 2 == 0 or s % per_epoch == 0]
     assert resume["logged_steps"] == expected, resume  # each once: the killed run's later records were dropped
-    assert 0 <= checks["eval"]["linear_top1"] <= 100
+    assert checks["eval"]["ckpt"] == os.path.join("resume", "backbone.pt") and 0 <= checks["eval"]["linear_top1"] <= 100
 
 
 def test_a_check_that_cannot_pass_fails_the_run(tmp_path):

@@ -75,7 +75,10 @@ def straight_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("method,kill", KILLS)
 def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs, tmp_path):
-    tiny = merge_flags(tiny, EXTRA[method], ["--epochs", 2])
+    # The k-NN monitor and a finished run's rerun are common code, checked on SimCLR only: each costs a process
+    # or a pass over the 5,000 synthetic images, on every run.
+    knn = method == "simclr"
+    tiny = merge_flags(tiny, EXTRA[method], ["--epochs", 2], [] if knn else ["--knn-every", 0])
     straight, resumed = straight_runs(method, list(tiny)), tmp_path / "resumed"
     if kill == "mid-write":
         tiny[tiny.index("--workers") + 1] = 2
@@ -96,7 +99,7 @@ def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs,
     assert all(REQUIRED <= set(r) for r in steps)
     assert [r["step"] for r in steps] == [2, 4, 6, 8]  # 128 images / batch 32 = 4 steps per epoch, logged every 2
     assert steps[-1]["flops"] == 4 * steps[0]["flops"] > 0 and all(r["img_per_s"] > 0 for r in steps)
-    assert [r["epoch"] for r in log if "knn_top1" in r] == [1]
+    assert [r["epoch"] for r in log if "knn_top1" in r] == ([1] if knn else [])
     # the resumed run's log reads as the uninterrupted one's (losses and k-NN bit for bit; speeds differ)
     assert untimed(read_log(resumed)) == untimed(log)
     a, b = torch.load(straight / "backbone.pt"), torch.load(resumed / "backbone.pt")
@@ -104,10 +107,10 @@ def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs,
     ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (straight, resumed))
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])  # teachers, heads, DINO's center
     assert ca["step"] == cb["step"] == 8
-    # a finished run rerun with the same command trains no more
-    lines = len(read_log(resumed))
-    run_script(f"{method}.py", *tiny, "--out", resumed)
-    assert len(read_log(resumed)) == lines
+    if knn and kill == "after-checkpoint":  # a finished run rerun with the same command trains no more
+        lines = len(read_log(resumed))
+        run_script(f"{method}.py", *tiny, "--out", resumed)
+        assert len(read_log(resumed)) == lines
 
 
 def test_simclr_backbone_loads_into_torchvision(trained):
@@ -119,9 +122,10 @@ def test_simclr_backbone_loads_into_torchvision(trained):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_torchrun_two_processes(method, tiny, tmp_path):
-    run_script(f"{method}.py", *merge_flags(tiny, EXTRA[method], ["--epochs", 1]), "--out", tmp_path, torchrun=2)
+    knn = [] if method == "simclr" else ["--knn-every", 0]  # the sharded k-NN monitor is common code
+    run_script(f"{method}.py", *merge_flags(tiny, EXTRA[method], ["--epochs", 1], knn), "--out", tmp_path, torchrun=2)
     log = read_log(tmp_path)
-    assert log[-1]["step"] == 4 and "knn_top1" in log[-1]
+    assert log[-1]["step"] == 4 and ("knn_top1" in log[-1]) == (not knn)
     assert (tmp_path / "backbone.pt").exists()
 
 
@@ -195,8 +199,9 @@ def test_eval_linear_takes_the_width_from_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_simclr_learns_on_synthetic_data(tmp_path):
-    """5 epochs (310 steps) lift k-NN top-1 clearly above the same network at random init."""
-    train = [*LEARN, "--epochs", 5, "--temperature", 0.2, "--knn-every", 5, "--out", tmp_path]
+    """4 epochs (248 steps) lift k-NN top-1 clearly above the same network at random init (measured: 44.9
+    against 30.9; the docstring demo's 5 epochs reach 47.3)."""
+    train = [*LEARN, "--epochs", 4, "--temperature", 0.2, "--knn-every", 4, "--out", tmp_path]
     run_script("simclr.py", *train, timeout=LEARN_TIMEOUT)
     trained = read_log(tmp_path)[-1]["knn_top1"]
     flags = [*LEARN[:8], "--workers", 0, "--out", tmp_path / "random.json"]
@@ -226,19 +231,20 @@ def knn_with_data_bn_stats(ckpt, *flags):
 
 @pytest.mark.slow
 def test_dino_learns_on_synthetic_data(tmp_path):
-    """6 epochs (372 steps) lift k-NN top-1 above the same network at random init, both scored with BatchNorm
+    """3 epochs (186 steps) lift k-NN top-1 above the same network at random init, both scored with BatchNorm
     statistics of the training images (eval_linear --bn-stats data), the state any trained network is in. Not
     against the checkpoint's statistics: at random init they are the identity, and that un-normalised network
     scores 34.5 here against 15.6 normalised (28.8 against 22.2 on cifar10-subset), out of DINO's reach in 6 epochs.
-    Measured: 25.1 against 15.6 (seed 1: 34.3 against 19.1). Controls: a teacher that never moves (--ema 1) stays
-    at 15.6; without centring (--center-momentum 1) all images fall on one prototype (loss 0.00) at 20.6."""
-    run_script("dino.py", *DINO_LEARN, "--epochs", 6, "--knn-every", 0, "--out", tmp_path, timeout=LEARN_TIMEOUT)
+    Measured: 23.5 against 15.6 (6 epochs: 25.1; seed 1: 34.3 against 19.1). Controls: a teacher that never moves
+    (--ema 1) stays at 15.6 (3 and 6 epochs); without centring (--center-momentum 1) all images fall on one
+    prototype (loss 0.00; 6 epochs: 20.6), which the loss check catches."""
+    run_script("dino.py", *DINO_LEARN, "--epochs", 3, "--knn-every", 0, "--out", tmp_path, timeout=LEARN_TIMEOUT)
     trained = knn_with_data_bn_stats(tmp_path / "backbone.pt", "--workers", 2)
     random = knn_with_data_bn_stats("random", *DINO_NET, "--workers", 2, "--out", tmp_path / "random.json")
     losses = [r["loss"] for r in read_log(tmp_path) if "loss" in r]
     print(f"dino k-NN top-1 (BN statistics from the data): random init {random:.1f}, trained {trained:.1f}")
     print("dino losses:", [round(x, 2) for x in losses])
-    assert trained > random + 7
+    assert trained > random + 5
     assert losses[-1] > 1.0  # not collapsed onto one prototype
 
 
