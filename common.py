@@ -50,6 +50,8 @@ def run(main):
     """Run a script's main(); user errors end it with one line and exit code 2."""
     try:
         main()
+        if dist.is_available() and dist.is_initialized():  # a clean end under torchrun (NCCL warns without it)
+            dist.destroy_process_group()
     except UserError as e:
         # Raised in a DataLoader worker, it arrives wrapped in the worker's traceback text: keep the message.
         message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1] if "Original Traceback" in str(e) else e
