@@ -145,7 +145,7 @@ def test_batch_not_divisible_by_the_processes(tmp_path):
     assert proc.returncode != 0
     assert "error: --batch 33 is not divisible by the 2 processes; pick a multiple of 2" in proc.stderr
     # torchrun adds its own failure summary (a traceback of the launcher); none comes from the project's files
-    assert f'File "{ROOT}' not in proc.stderr and not (tmp_path / "args.json").exists()
+    assert f'File "{ROOT}{os.sep}' not in proc.stderr and not (tmp_path / "args.json").exists()
 
 
 def write_text_file(folder):
