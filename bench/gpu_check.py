@@ -56,9 +56,10 @@ METHODS = ("simclr", "byol", "vicreg", "dino", "mae")
 REPORT_MARK = "GPU_CHECK_REPORT "  # the child's last stdout line: its report as JSON
 KILL_AFTER_CHECKPOINT = "GPU_CHECK_KILL_AFTER_CHECKPOINT"  # env: SIGKILL itself at the first interval after a save
 
-# The scripts' default networks at ImageNet shapes, and tiny ones for the CPU dry run.
+# The scripts' default networks at ImageNet shapes, and tiny ones for the CPU dry run; the batch is apart.
+FULL_BATCH, TINY_BATCH = 128, 16
 FULL = {
-    "common": ["--dataset", "synthetic", "--img-size", "224", "--batch", "128"],
+    "common": ["--dataset", "synthetic", "--img-size", "224"],
     "simclr": [],
     "byol": [],
     "vicreg": [],
@@ -66,7 +67,7 @@ FULL = {
     "mae": [],
 }
 TINY = {
-    "common": ["--dataset", "synthetic", "--img-size", "32", "--batch", "16"],
+    "common": ["--dataset", "synthetic", "--img-size", "32"],
     "simclr": ["--arch", "resnet18", "--width", "0.25", "--mlp", "64-32"],
     "byol": ["--arch", "resnet18", "--width", "0.25", "--mlp", "64-32"],
     "vicreg": ["--arch", "resnet18", "--width", "0.25", "--mlp", "64-64-64"],
@@ -100,18 +101,12 @@ def get_args(argv=None):
 
 def watch(path):
     """Wrap the common helpers main() calls so that `path` records what each chose."""
-    distribute, build_optimizer, autocast, train_loader = (
-        common.distribute,
-        common.build_optimizer,
-        common.autocast,
-        common.train_loader,
-    )
-    count_step_flops = common.count_step_flops
+    distribute, build_optimizer, autocast = common.distribute, common.build_optimizer, common.autocast
+    count_step_flops, train_loader = common.count_step_flops, common.train_loader
 
     def watched_distribute(net, args, env):
         model = distribute(net, args, env)
         inner = getattr(model, "_orig_mod", model)
-        conv = next((p for p in net.parameters() if p.dim() == 4), None)
         path.update(
             compiled=inner is not model,
             ddp=isinstance(inner, nn.parallel.DistributedDataParallel),
@@ -119,6 +114,7 @@ def watch(path):
             sync_bn_layers=sum(isinstance(m, nn.SyncBatchNorm) for m in inner.modules()),
         )
         if args.arch.startswith("resnet"):
+            conv = next(p for p in net.parameters() if p.dim() == 4)
             path["channels_last"] = conv.is_contiguous(memory_format=torch.channels_last)
         return model
 
@@ -180,11 +176,11 @@ def child(method, argv):
     report = {"path": path}
     if torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
-        report.update(device=torch.cuda.get_device_name(device), torch=torch.__version__, cuda=torch.version.cuda)
+        report["device"] = torch.cuda.get_device_name(device)
         report["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         report["matmul_flop_per_s"] = matmul_flops(device, 8192, 10, torch.bfloat16)
     else:
-        report.update(device="cpu", torch=torch.__version__, cuda=None, peak_mem_gib=None)
+        report.update(device="cpu", peak_mem_gib=None)
         report["matmul_flop_per_s"] = matmul_flops(torch.device("cpu"), 512, 5)  # fp32: the CPU's fast path
     if os.environ.get("RANK", "0") == "0":
         print(REPORT_MARK + json.dumps(report), flush=True)
@@ -199,7 +195,7 @@ class Checker:
 
     def __init__(self, args):
         self.args, self.start, self.entries = args, time.perf_counter(), []
-        self.sizes = TINY if args.dry_run else FULL
+        self.sizes, self.batch = (TINY, TINY_BATCH) if args.dry_run else (FULL, FULL_BATCH)
         self.steps = args.steps or (6 if args.dry_run else 30)
         cores = len(os.sched_getaffinity(0))  # a container's share, not the host's count
         self.workers = args.workers if args.workers is not None else 1 if args.dry_run else min(max(cores - 2, 1), 14)
@@ -210,7 +206,8 @@ class Checker:
     def flags(self, method, steps, epochs=1, amp="bf16"):
         """A short run of `method`: `steps` steps an epoch (a subset of steps x batch images), no k-NN monitor."""
         amp = "off" if self.args.dry_run else amp  # see the docstring
-        flags = [*self.sizes["common"], *self.sizes[method], "--workers", str(self.workers), "--amp", amp]
+        flags = [*self.sizes["common"], *self.sizes[method], "--batch", str(self.batch), "--amp", amp]
+        flags += ["--workers", str(self.workers)]
         flags += ["--subset", str(steps * self.batch), "--epochs", str(epochs), "--knn-every", "0"]
         return flags + ["--log-every", str(max(1, steps // 6))]
 
@@ -272,16 +269,17 @@ class Checker:
     def check_training(self, name, method, compile_, amp, steps, timeout):
         flags = self.flags(method, steps, amp=amp) + (["--compile"] if compile_ else [])
         run = self.train(method, name, flags, timeout)
-        if run["returncode"] != 0 or not run["records"] or run["report"] is None:
+        if not self.finished(run):
             return self.failed(run, "the run did not finish")
         numbers = self.measure(run)
         if not math.isfinite(numbers["final_loss"]):
             return {"ok": False, **numbers, "error": "non-finite loss"}
         return {"ok": True, **numbers}
 
-    @property
-    def batch(self):
-        return int(self.sizes["common"][self.sizes["common"].index("--batch") + 1])
+    @staticmethod
+    def finished(run):
+        """The run ended well, logged its intervals and printed its report."""
+        return run["returncode"] == 0 and run["records"] and run["report"] is not None
 
     def failed(self, run, why):
         if run["returncode"] == "timeout":
@@ -303,7 +301,7 @@ class Checker:
                 str(min(4, self.workers)),
             ]
             runs[label] = run = self.train("byol", f"gpu-aug-{label}", flags, timeout / 2)
-            if run["returncode"] != 0 or not run["records"]:
+            if not self.finished(run):
                 return self.failed(run, f"the {label} run did not finish")
         first = {label: run["records"][0]["loss"] for label, run in runs.items()}
         speed = {label: self.measure(run)["img_per_s"] for label, run in runs.items()}
@@ -315,7 +313,7 @@ class Checker:
         """torchrun --standalone --nproc_per_node=1 simclr.py: the process group (NCCL on CUDA), DDP, and on CUDA
         SyncBatchNorm."""
         run = self.train("simclr", "torchrun", self.flags("simclr", self.steps // 3), timeout, torchrun=True)
-        if run["returncode"] != 0 or not run["records"] or run["report"] is None:
+        if not self.finished(run):
             return self.failed(run, "the run did not finish")
         path = run["report"]["path"]
         cuda = not self.args.dry_run
@@ -338,7 +336,7 @@ class Checker:
         if killed["returncode"] != -signal.SIGKILL or not logged or logged[-1] <= steps:
             return self.failed(killed, f"not killed after the first checkpoint (steps logged: {logged})")
         rerun = self.train("simclr", "resume", flags, timeout / 2, fresh=False)
-        if rerun["returncode"] != 0 or not rerun["records"]:
+        if not self.finished(rerun):
             return self.failed(rerun, "the resumed run did not finish")
         final_steps = [r["step"] for r in rerun["records"]]
         killed_loss = killed["records"][-1]["loss"]  # the interval after the checkpoint, lost with the kill
