@@ -801,7 +801,8 @@ class PatchEmbed(nn.Module):
 
 class VisionTransformer(nn.Module):
     """Pre-norm ViT with timm's parameter names. `embed` gives patch tokens with position embeddings (resized
-    for other resolutions); `encode` runs the blocks on any subset of them (MAE's visible patches)."""
+    for other resolutions); `encode` runs the blocks on any subset of them (MAE's visible patches), and
+    `last_block_tokens` keeps the last blocks' outputs (DINO's linear probe)."""
 
     def __init__(self, img_size, patch_size, dim, depth, heads, drop_path=0.0):
         super().__init__()
@@ -831,11 +832,19 @@ class VisionTransformer(nn.Module):
         return x.flatten(2).transpose(1, 2) + self.patch_pos_embed(*x.shape[2:])  # (B, h*w, D)
 
     def encode(self, tokens):
+        return self.last_block_tokens(tokens, 1)[0]  # (B, 1 + L, D)
+
+    def last_block_tokens(self, tokens, n):
+        """[CLS] and `tokens` through the blocks: the outputs of the last n blocks, each through the final norm
+        (DINO's get_intermediate_layers; the next block reads the un-normalised tokens), a list of (B, 1 + L, D)."""
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = torch.cat([cls, tokens], dim=1)
-        for block in self.blocks:
+        outputs = []
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return self.norm(x)  # (B, 1 + L, D)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x))
+        return outputs
 
     def forward(self, x):
         return self.encode(self.embed(x))[:, 0]

@@ -3,20 +3,41 @@
 Usage:
     python eval_linear.py --ckpt runs/simclr/backbone.pt                   # arch, data, size from args.json beside it
     python eval_linear.py --ckpt random --arch resnet18 --dataset cifar10  # the same arch at random init: the baseline
-    python eval_linear.py --ckpt runs/simclr/backbone.pt --protocol augmented --epochs 100 --lr 0.1
+    python eval_linear.py --ckpt runs/simclr/backbone.pt --protocol augmented --epochs 90 --batch 4096 --lr 0.1
 
 Protocols:
   features (default, fast): features of the center-cropped images are computed once; a linear classifier is
-      trained on them with SGD (momentum 0.9, Nesterov, cosine, no weight decay) for --epochs. Without --lr, the
+      trained on them for --epochs (SGD with Nesterov momentum 0.9, cosine, no weight decay). Without --lr, the
       learning rate is chosen from a small grid on a held-out 10% of the training set (as BYOL App. C.1), then
       the classifier is retrained on the whole training set.
-  augmented: the papers' protocol, a random resized crop and flip every epoch through the frozen backbone
-      (BatchNorm in inference mode); SimCLR's App. B.5 uses 90 epochs, Nesterov SGD, lr 0.1 x B/256.
-  --bn-head puts BatchNorm1d(affine=False) before the linear layer (MAE's linear probe); on by default for MAE
-      backbones.
-k-NN: weighted cosine k-NN as DINO's eval_knn (k 20 and 200, T 0.07) on the same features.
+  augmented: the papers' protocol, a random resized crop and flip, redrawn every epoch, through the frozen
+      backbone (BatchNorm in inference mode), lr 0.1 x B/256 unless --lr says otherwise.
+  The settings left on auto follow the run's method (args.json beside the checkpoint):
+  - MAE: --bn-head on (BatchNorm1d without affine before the linear layer), and in the augmented protocol LARS
+      (momentum 0.9, weight decay 0), batch 16384 (capped at the training set's size), 90 epochs, 10 of them
+      warmup, then cosine: the official main_linprobe.py.
+  - DINO ViTs: the probe reads the [CLS] tokens of the last 4 blocks, concatenated (ViT-S and smaller), or the
+      last block's [CLS] token and its mean patch token (ViT-B), as the official eval_linear.py
+      (--n-last-blocks, --avgpool); k-NN reads the final [CLS] token, as the official eval_knn.py.
+k-NN: weighted cosine k-NN as DINO's eval_knn (k 20 and 200, T 0.07) on the center crops' features.
 
-The last line printed is a JSON object with linear_top1 and knn_top1 (%); it is also written to --out.
+The published ImageNet numbers and the protocols that reproduce them (the backbone of the run the script's own
+docstring names; --data and the ImageNet run folder are the user's):
+  simclr  64.5 (100 ep) / 69.3 (1000 ep), ResNet-50 (paper Tables 1, 6; App. B.5: Nesterov SGD, 90 epochs, B 4096):
+          --protocol augmented --epochs 90 --batch 4096 --lr 0.1
+  byol    74.3 (1000 ep), ResNet-50 (App. C.1: Nesterov SGD, 80 epochs, B 1024, lr chosen from 0.4-0.05 on a
+          held-out split; the official eval config: 0.2): --protocol augmented --epochs 80 --batch 1024 --lr 0.2
+  vicreg  73.2 (1000 ep), ResNet-50 (official evaluate.py: SGD, 100 epochs, B 256, lr 0.02, wd 1e-6):
+          --protocol augmented --epochs 100 --batch 256 --lr 0.02 --wd 1e-6
+  dino    74.0 (ViT-S/16, 100 ep) and 77.0 (the 800-epoch release), last 4 [CLS] tokens (official eval_linear.py:
+          SGD, 100 epochs, B 1024, lr swept around 0.001 x B/256): --protocol augmented --batch 1024 --lr <swept>
+  mae     68.0 (ViT-B/16, 1600 ep; [CLS] token, BatchNorm head, LARS, official FINETUNE.md):
+          --protocol augmented (every setting on auto)
+Departures: the sgd optimizer is always Nesterov (DINO's and VICReg's code use plain momentum); the probe's train
+crops are the augmentation engine's (bilinear or bicubic as the engine), not each repository's own transform.
+
+The last line printed is a JSON object with linear_top1, knn_top1 (%), what was probed (features, feature_dim)
+and the protocol's settings; it is also written to --out.
 """
 
 import argparse
@@ -47,13 +68,24 @@ def get_args(argv=None):
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch size; default: the run's")
     p.add_argument("--stem", default=None, help="ResNet stem auto|cifar|imagenet; default: the run's, else auto")
     p.add_argument("--protocol", default="features", choices=["features", "augmented"], help="see the docstring")
-    p.add_argument("--epochs", type=int, default=100, help="linear classifier epochs")
-    p.add_argument("--batch", type=int, default=256, help="linear classifier batch size")
+    p.add_argument("--epochs", type=int, default=None, help="linear classifier epochs; default 100 (MAE augmented: 90)")
+    p.add_argument(
+        "--batch", type=int, default=None, help="linear classifier batch size; default 256 (MAE augmented: 16384)"
+    )
     p.add_argument(
         "--lr",
         type=float,
         default=None,
         help="base lr per 256 images; default: chosen on a held-out split (features) or 0.1 (augmented)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="auto",
+        choices=["auto", "sgd", "lars"],
+        help="sgd: Nesterov momentum 0.9; lars: LARS momentum 0.9 (MAE's probe); auto: lars for MAE augmented",
+    )
+    p.add_argument(
+        "--warmup-epochs", type=float, default=None, help="linear warmup epochs; default 0 (MAE augmented: 10)"
     )
     p.add_argument("--wd", type=float, default=0.0, help="weight decay of the linear classifier")
     p.add_argument(
@@ -61,6 +93,18 @@ def get_args(argv=None):
         default="auto",
         choices=["auto", "on", "off"],
         help="BatchNorm(affine=False) before the classifier; auto: on for MAE",
+    )
+    p.add_argument(
+        "--n-last-blocks",
+        type=int,
+        default=None,
+        help="ViT: probe the [CLS] tokens of the last N blocks, concatenated; default 4 for DINO ViT-S/Ti, else 1",
+    )
+    p.add_argument(
+        "--avgpool",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="ViT: append the last block's mean patch token to the probed features; auto: on for DINO ViT-B",
     )
     p.add_argument(
         "--bn-stats",
@@ -100,9 +144,37 @@ def resolve(args):
         "stem": "auto",
     }
     filled = {key: run.get(key, default) for key, default in defaults.items() if getattr(args, key) is None}
-    method = run.get("method")
-    bn_head = ("on" if method == "mae" else "off") if args.bn_head == "auto" else args.bn_head
-    return common.check_args(argparse.Namespace(**{**vars(args), **filled, "method": method, "bn_head": bn_head}))
+    checked = common.check_args(argparse.Namespace(**{**vars(args), **filled, "method": run.get("method")}))
+    return argparse.Namespace(**{**vars(checked), **protocol_defaults(checked)})
+
+
+def protocol_defaults(args):
+    """The probe's settings left on auto, as the official code of the run's method runs them: MAE's augmented probe
+    is LARS at batch 16384 for 90 epochs with 10 warmup and a BatchNorm head (main_linprobe.py); a DINO ViT is
+    probed on the [CLS] tokens of its last 4 blocks (ViT-S and smaller) or on the last block's [CLS] token and
+    mean patch token (ViT-B), as DINO's eval_linear.py; everything else is SGD, batch 256, 100 epochs, no warmup."""
+    mae_augmented = args.method == "mae" and args.protocol == "augmented"
+    vit = args.arch.startswith("vit")
+    dino_vit = args.method == "dino" and vit
+    settings = {
+        "optimizer": ("lars" if mae_augmented else "sgd") if args.optimizer == "auto" else args.optimizer,
+        "epochs": args.epochs or (90 if mae_augmented else 100),
+        "batch": args.batch or (16384 if mae_augmented else 256),
+        "warmup_epochs": (10 if mae_augmented else 0) if args.warmup_epochs is None else args.warmup_epochs,
+        "bn_head": ("on" if args.method == "mae" else "off") if args.bn_head == "auto" else args.bn_head,
+        "n_last_blocks": args.n_last_blocks or (4 if dino_vit and args.arch != "vit_base" else 1),
+        "avgpool": ("on" if dino_vit and args.arch == "vit_base" else "off")
+        if args.avgpool == "auto"
+        else args.avgpool,
+    }
+    depth = common.ARCHS[args.arch][1] if vit else 1
+    if not vit and (settings["n_last_blocks"] != 1 or settings["avgpool"] == "on"):
+        raise common.UserError(f"--n-last-blocks and --avgpool read a ViT's blocks; --arch {args.arch} is a ResNet")
+    if not 1 <= settings["n_last_blocks"] <= depth:
+        raise common.UserError(f"--n-last-blocks {settings['n_last_blocks']} must be between 1 and {depth}")
+    if settings["epochs"] < 1 or settings["batch"] < 1 or settings["warmup_epochs"] < 0:
+        raise common.UserError("--epochs and --batch must be positive and --warmup-epochs not negative")
+    return settings
 
 
 def load_backbone(args):
@@ -147,6 +219,35 @@ def estimate_bn_stats(backbone, train_set, args, env, images=4096):
         m.momentum = momentum
 
 
+class ProbedFeatures(nn.Module):
+    """What the linear probe reads: the backbone's output, or for a ViT the [CLS] tokens of its last n blocks, each
+    through the final norm, oldest first, then with avgpool the last block's mean patch token (DINO's
+    eval_linear.py, which interleaves the last two: the same features in another order). `final` slices out the
+    backbone's own output (the last [CLS] token), which k-NN reads as DINO's eval_knn.py."""
+
+    def __init__(self, backbone, n_last_blocks=1, avgpool=False):
+        super().__init__()
+        self.backbone, self.n_last_blocks, self.avgpool = backbone, n_last_blocks, avgpool
+        dim = backbone.embed_dim
+        self.embed_dim = dim * (n_last_blocks + avgpool)
+        self.final = slice((n_last_blocks - 1) * dim, n_last_blocks * dim)
+        if not isinstance(backbone, common.VisionTransformer):
+            self.name = "the pooled ResNet output"
+        elif n_last_blocks == 1:
+            self.name = "the [CLS] token" + (" and the mean patch token" if avgpool else "")
+        else:
+            self.name = f"the [CLS] tokens of the last {n_last_blocks} blocks" + (
+                " and the last block's mean patch token" if avgpool else ""
+            )
+
+    def forward(self, x):
+        if self.n_last_blocks == 1 and not self.avgpool:
+            return self.backbone(x)
+        blocks = self.backbone.last_block_tokens(self.backbone.embed(x), self.n_last_blocks)  # n x (B, 1 + L, D)
+        parts = [tokens[:, 0] for tokens in blocks] + ([blocks[-1][:, 1:].mean(1)] if self.avgpool else [])
+        return torch.cat(parts, dim=1)
+
+
 def linear_head(dim, classes, bn):
     head = nn.Linear(dim, classes)
     nn.init.trunc_normal_(head.weight, std=0.01)  # MAE's probe init; zero bias
@@ -154,17 +255,27 @@ def linear_head(dim, classes, bn):
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), head) if bn else head
 
 
+def head_optimizer(head, peak, args):
+    """SGD with Nesterov momentum 0.9, or LARS (momentum 0.9, eta 0.001, the bias skips decay and trust ratio) as
+    MAE's probe."""
+    if args.optimizer == "lars":
+        return common.LARS(head.parameters(), lr=peak, weight_decay=args.wd)
+    return torch.optim.SGD(head.parameters(), lr=peak, momentum=0.9, nesterov=True, weight_decay=args.wd)
+
+
 def train_head(train_f, train_l, classes, lr, args, env):
-    """SGD on precomputed features: Nesterov momentum 0.9, cosine schedule per step, lr x B/256."""
+    """The classifier on precomputed features: --optimizer, warmup and cosine per step, lr x B/256."""
     g = torch.Generator().manual_seed(args.seed)
     head = linear_head(train_f.shape[1], classes, args.bn_head == "on").to(env.device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    peak = lr * args.batch / 256
+    optimizer = head_optimizer(head, peak, args)
     steps_per_epoch = max(1, len(train_f) // args.batch)
-    for step in range(args.epochs * steps_per_epoch):
+    total, warmup = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
+    for step in range(total):
         if step % steps_per_epoch == 0:
             order = torch.randperm(len(train_f), generator=g).to(env.device)
         idx = order[(step % steps_per_epoch) * args.batch :][: args.batch]
-        common.set_lr(optimizer, common.cosine_schedule(step, args.epochs * steps_per_epoch, 0, lr * args.batch / 256))
+        common.set_lr(optimizer, common.cosine_schedule(step, total, warmup, peak))
         loss = F.cross_entropy(head(train_f[idx]), train_l[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,30 +302,36 @@ def probe_features(train_f, train_l, test_f, test_l, classes, args, env):
     return accuracy(train_head(train_f, train_l, classes, lr, args, env), test_f, test_l), lr
 
 
-def probe_augmented(backbone, train_set, test_f, test_l, classes, args, env):
+def augmented_loader(train_set, args):
+    """Batches of a random resized crop and flip of each training image (no colour), redrawn every epoch: the keys
+    are (epoch, index), as in training, so call loader.sampler.set_epoch(epoch) before each epoch."""
+    crop_and_flip = common.Views([common.ViewSpec(args.img_size, jitter_p=0.0, gray_p=0.0)])
+    return DataLoader(
+        common.Augmented(train_set, crop_and_flip.draw, args.seed),
+        args.batch,
+        sampler=common.EpochSampler(len(train_set), args.seed, args.batch),
+        drop_last=True,
+        num_workers=args.workers,
+        collate_fn=crop_and_flip.collate,
+    )
+
+
+def probe_augmented(features, train_set, test_f, test_l, classes, args, env):
     """Linear classifier on frozen features of freshly augmented crops every epoch (BN of the backbone frozen)."""
     lr = args.lr if args.lr is not None else 0.1
     peak = lr * args.batch / 256
-    crop_and_flip = common.Views([common.ViewSpec(args.img_size, jitter_p=0.0, gray_p=0.0)])  # no colour
-    loader = DataLoader(
-        common.Augmented(train_set, crop_and_flip.draw, args.seed),
-        args.batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.workers,
-        generator=torch.Generator().manual_seed(args.seed),
-        collate_fn=crop_and_flip.collate,
-    )
-    head = linear_head(backbone.embed_dim, classes, args.bn_head == "on").to(env.device)
-    optimizer = torch.optim.SGD(head.parameters(), lr=peak, momentum=0.9, nesterov=True, weight_decay=args.wd)
+    loader = augmented_loader(train_set, args)
+    head = linear_head(features.embed_dim, classes, args.bn_head == "on").to(env.device)
+    optimizer = head_optimizer(head, peak, args)
     amp, _ = common.autocast(args, env)
-    backbone.eval()
-    total, step = args.epochs * len(loader), 0
+    features.eval()
+    total, warmup, step = args.epochs * len(loader), round(args.warmup_epochs * len(loader)), 0
     for epoch in range(args.epochs):
+        loader.sampler.set_epoch(epoch)
         for views, label in loader:
-            common.set_lr(optimizer, common.cosine_schedule(step, total, 0, peak))
+            common.set_lr(optimizer, common.cosine_schedule(step, total, warmup, peak))
             with torch.no_grad(), amp():
-                feats = backbone(common.to_device(views, args, env)[0]).float()
+                feats = features(common.to_device(views, args, env)[0]).float()
             loss = F.cross_entropy(head(feats), label.to(env.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -236,23 +353,28 @@ def main(argv=None):
             f"{args.dataset} at {args.data} has no labelled train/ and val/ (or test/) to evaluate on"
         )
     train_set = splits[0]
+    args = argparse.Namespace(**{**vars(args), "batch": min(args.batch, len(train_set))})  # MAE's 16384 on less
     if args.bn_stats == "data":
         estimate_bn_stats(backbone, train_set, args, env)
-    train_f, train_l, test_f, test_l = common.split_features(backbone, splits, args, env)
+    features = ProbedFeatures(backbone, args.n_last_blocks, args.avgpool == "on")
+    train_f, train_l, test_f, test_l = common.split_features(features, splits, args, env)
     classes = int(max(train_l.max(), test_l.max())) + 1
+    settings = ("protocol", "bn_stats", "optimizer", "epochs", "batch", "warmup_epochs", "wd", "bn_head")
     result = {
         "ckpt": args.ckpt,
         "arch": args.arch,
         "dataset": args.dataset,
         "img_size": args.img_size,
-        "protocol": args.protocol,
-        "bn_stats": args.bn_stats,
+        "features": features.name,
+        "feature_dim": features.embed_dim,
+        **{name: getattr(args, name) for name in settings},
     }
-    result.update(common.knn_accuracy(train_f, train_l, test_f, test_l))
+    result.update(common.knn_accuracy(train_f[:, features.final], train_l, test_f[:, features.final], test_l))
     if args.protocol == "features":
         result["linear_top1"], result["lr"] = probe_features(train_f, train_l, test_f, test_l, classes, args, env)
     else:
-        result["linear_top1"], result["lr"] = probe_augmented(backbone, train_set, test_f, test_l, classes, args, env)
+        probe = probe_augmented(features, train_set, test_f, test_l, classes, args, env)
+        result["linear_top1"], result["lr"] = probe
     out = args.out or (
         os.path.join(os.path.dirname(args.ckpt), "eval.json") if args.ckpt != "random" else "eval_random.json"
     )

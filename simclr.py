@@ -75,8 +75,10 @@ def get_args(argv=None):
 
 
 def nt_xent(z1, z2, temperature, negatives=0):
-    """NT-Xent over the 2N views of the global batch: the mean over this process's 2n anchors, as the paper's
-    1/2N (the official code sums the two directions, 2x). z1, z2: (n, d), this process's two views."""
+    """NT-Xent over the 2N views of the global batch at the official code's scale: loss_a + loss_b, the first
+    views' and the second views' anchors each a mean over the batch, i.e. twice the paper's mean over 2N anchors.
+    Under LARS the scale is not a constant factor: weight decay joins the gradient before the trust ratio, and the
+    1-D parameters skip the trust ratio. z1, z2: (n, d), this process's two views."""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, d) local anchors
     keys = torch.cat([common.gather(z[:n]), common.gather(z[n:])])  # (2N, d): all first views, then all second
@@ -87,7 +89,7 @@ def nt_xent(z1, z2, temperature, negatives=0):
     if negatives:  # K random negatives per anchor (Bordes et al. 2023); the positive scores 2, the view itself -1
         score = torch.rand_like(logits).scatter(1, pos_idx[:, None], 2.0).scatter(1, self_idx[:, None], -1.0)
         logits = logits.masked_fill(score < score.topk(negatives + 1, dim=1).values[:, -1:], float("-inf"))
-    return F.cross_entropy(logits, pos_idx)
+    return F.cross_entropy(logits, pos_idx, reduction="sum") / n  # loss_a + loss_b
 
 
 def mlp(in_dim, widths):

@@ -77,7 +77,7 @@ def test_gather_two_processes_match_full_batch():
     assert torch.allclose(torch.stack([r[0] for r in results]).mean(), full.detach().float(), atol=1e-6)
     for rank, (_, g1, g2, gathered) in enumerate(results):
         part = slice(rank * 4, (rank + 1) * 4)
-        # each rank's mean over its own anchors, with DDP's averaging, equals the full-batch mean:
+        # each rank's loss over its own anchors, with DDP's averaging, equals the full-batch loss:
         # so its gradient is world_size x the full-batch gradient, including the part sent from the other rank
         assert torch.allclose(g1, 2 * f1.grad[part], atol=1e-6)
         assert torch.allclose(g2, 2 * f2.grad[part], atol=1e-6)

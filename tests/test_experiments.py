@@ -85,7 +85,7 @@ def nt_xent_sampled_loop(z1, z2, temperature, negatives, seed):
         sim = [float(z[a] @ z[b]) / temperature for b in range(two_n)]
         denominator = math.exp(sim[p]) + sum(math.exp(sim[b]) for b in candidates[:negatives])
         total += -math.log(math.exp(sim[p]) / denominator)
-    return total / two_n
+    return total / (two_n // 2)  # loss_a + loss_b, the official scale
 
 
 @pytest.mark.parametrize("negatives", [1, 3])
@@ -101,10 +101,11 @@ def test_nt_xent_with_k_random_negatives_matches_loop(negatives):
 
 def test_one_negative_on_orthogonal_embeddings():
     """Orthonormal embeddings, identical views: every negative has similarity 0 and the positive 1, so the loss
-    with K negatives is log(1 + K exp(-1/t)) whichever negatives are drawn."""
+    with K negatives is log(1 + K exp(-1/t)) per anchor whichever negatives are drawn: twice that at the official
+    scale (loss_a + loss_b)."""
     z = torch.eye(8)[:4]
     for k in (1, 2, 6):
-        assert simclr.nt_xent(z, z, 0.5, k).item() == pytest.approx(math.log(1 + k * math.exp(-2)), rel=1e-5)
+        assert simclr.nt_xent(z, z, 0.5, k).item() == pytest.approx(2 * math.log(1 + k * math.exp(-2)), rel=1e-5)
 
 
 def vicreg_variant_loop(z1, z2, variant, tau):

@@ -10,7 +10,8 @@ import simclr
 
 
 def nt_xent_loop(z1, z2, tau):
-    """Paper §2.1: l(i,j) = -log exp(sim(i,j)/tau) / sum_{k != i} exp(sim(i,k)/tau), mean over all 2N anchors."""
+    """Paper §2.1: l(i,j) = -log exp(sim(i,j)/tau) / sum_{k != i} exp(sim(i,k)/tau), at the official code's scale:
+    loss_a + loss_b, the mean over the first views' anchors plus the mean over the second views'."""
     z = torch.cat([z1, z2]).double()
     n2 = len(z)
     sim = [[float(z[a] @ z[b] / (z[a].norm() * z[b].norm())) for b in range(n2)] for a in range(n2)]
@@ -19,7 +20,8 @@ def nt_xent_loop(z1, z2, tau):
         j = (i + n2 // 2) % n2
         denominator = sum(math.exp(sim[i][k] / tau) for k in range(n2) if k != i)
         total += -math.log(math.exp(sim[i][j] / tau) / denominator)
-    return total / n2
+    loss_a_plus_loss_b = total / (n2 // 2)  # twice the paper's mean over 2N anchors
+    return loss_a_plus_loss_b
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.5])
