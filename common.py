@@ -723,6 +723,10 @@ RECIPES = {
     "byol": lambda size, **_: byol_views(size),
     # VICReg as its paper describes it: BYOL's pipeline made symmetric.
     "vicreg-symmetric": lambda size, **_: byol_views(size, blur=(0.5, 0.5), solarize=(0.1, 0.1)),
+    # solo-learn's CIFAR configs (scripts/pretrain/cifar): BYOL's asymmetric solarize without blur ...
+    "byol-cifar": lambda size, **_: byol_views(size, blur=(0.0, 0.0)),
+    # ... and VICReg's symmetric set with crops of 0.2-1, solarize 0.1 on both views, no blur.
+    "vicreg-cifar": lambda size, **_: byol_views(size, blur=(0.0, 0.0), solarize=(0.1, 0.1), scale=(0.2, 1.0)),
     # MAE: one random resized crop of scale 0.2-1 and a flip, no colour (paper App. A.1).
     "mae": lambda size, **_: Views([ViewSpec(size, (0.2, 1.0), jitter_p=0.0, gray_p=0.0)]),
     # DINO's multi-crop (ViT): global crops of scale 0.4-1, local crops of 0.05-0.4.
@@ -859,9 +863,10 @@ RESNET_LAYERS = {
 class ResNet(torchvision.models.ResNet):
     """torchvision's ResNet (its parameter names and initialisation, so backbone.pt loads into it) without the
     classifier: every layer `width` times as wide (SimCLR's 2x and 4x ResNet-50, or narrow nets for short CPU runs),
-    and on request the CIFAR stem (a 3x3 stride-1 conv, no max-pool). `embed_dim` is its output width."""
+    and on request the CIFAR stem (a 3x3 stride-1 conv, no max-pool) and zero-initialised residual branches (the last
+    BatchNorm of every block: the official SimCLR, BYOL and VICReg code). `embed_dim` is its output width."""
 
-    def __init__(self, arch, width=1.0, cifar_stem=False):
+    def __init__(self, arch, width=1.0, cifar_stem=False, zero_init_residual=False):
         block, depths = RESNET_LAYERS[arch]
         super().__init__(block, depths)
         if width != 1:  # the same blocks and initialisation, rebuilt wider or narrower
@@ -876,6 +881,11 @@ class ResNet(torchvision.models.ResNet):
         if cifar_stem:
             self.conv1 = nn.Conv2d(3, self.bn1.num_features, 3, 1, 1, bias=False)
             self.maxpool = nn.Identity()
+        if zero_init_residual:  # every residual block starts as the identity (Goyal et al. 2017)
+            last_norm = "bn2" if block is torchvision.models.resnet.BasicBlock else "bn3"
+            for m in self.modules():
+                if isinstance(m, block):
+                    nn.init.zeros_(getattr(m, last_norm).weight)
         self.fc = nn.Identity()
         self.embed_dim = ARCHS[arch] * self.bn1.num_features // 64
 
@@ -887,7 +897,7 @@ def build_backbone(args, drop_path=0.0):
         dim, depth, heads = ARCHS[args.arch]
         return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, drop_path)
     cifar_stem = args.stem == "cifar" or (args.stem == "auto" and args.img_size <= 64)
-    return ResNet(args.arch, args.width, cifar_stem)
+    return ResNet(args.arch, args.width, cifar_stem, args.zero_init_residual)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -896,10 +906,14 @@ def build_backbone(args, drop_path=0.0):
 
 class LARS(torch.optim.Optimizer):
     """LARS as in the official SimCLR/BYOL/VICReg code: weight decay, then the trust ratio eta*||p||/||g||, then
-    momentum; 1-D parameters (biases, norms) skip both the decay and the trust ratio."""
+    momentum; 1-D parameters (biases, norms) skip both the decay and the trust ratio. clip: solo-learn's clip_lr
+    (apex's LARC clip mode), a layer's rate is its trust ratio capped at the lr, min(trust, lr), where it is
+    lr x trust without clip. solo-learn's ratio divides by ||g|| + wd*||p|| + 1e-8 where this one divides by
+    ||g + wd*p|| (the two agree when wd is 0 and differ by at most 2 wd*||p||)."""
 
-    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta})
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001, clip=False):
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta, "clip": clip}
+        super().__init__(params, defaults)
 
     @torch.no_grad()
     def step(self):
@@ -912,6 +926,8 @@ class LARS(torch.optim.Optimizer):
                     d = d.add(p, alpha=group["weight_decay"])
                     p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
                     trust = group["eta"] * p_norm / d_norm
+                    if group["clip"]:  # solo-learn's clip_lr: the layer's rate becomes min(trust, lr), not lr x trust
+                        trust = torch.clamp(trust / group["lr"], max=1.0)
                     d = d * torch.where((p_norm > 0) & (d_norm > 0), trust, torch.ones_like(trust))
                 if "mu" not in self.state[p]:
                     self.state[p]["mu"] = torch.zeros_like(p)
@@ -932,7 +948,7 @@ def build_optimizer(args, env, model, lr, betas=(0.9, 0.999)):
     decayed weights."""
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "lars":
-        return LARS(params, lr=lr, weight_decay=args.wd)
+        return LARS(params, lr=lr, weight_decay=args.wd, eta=args.lars_eta, clip=bool(args.lars_clip))
     decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": no_decay, "weight_decay": 0.0}]
     if args.optimizer == "sgd":

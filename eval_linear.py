@@ -144,7 +144,9 @@ def resolve(args):
         "stem": "auto",
     }
     filled = {key: run.get(key, default) for key, default in defaults.items() if getattr(args, key) is None}
-    checked = common.check_args(argparse.Namespace(**{**vars(args), **filled, "method": run.get("method")}))
+    # --ckpt random is torchvision's initialisation, residual branches included (the baseline the docstrings quote)
+    unset = {**filled, "method": run.get("method"), "zero_init_residual": 0}
+    checked = common.check_args(argparse.Namespace(**{**vars(args), **unset}))
     return argparse.Namespace(**{**vars(checked), **protocol_defaults(checked)})
 
 

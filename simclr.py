@@ -52,6 +52,17 @@ def get_args(argv=None):
     p.add_argument(
         "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
     )
+    p.add_argument("--lars-eta", type=float, default=0.001, help="LARS trust coefficient (solo-learn's LARS: 0.02)")
+    p.add_argument(
+        "--lars-clip", type=int, default=0, choices=[0, 1], help="1: cap each layer's LARS rate at the lr (solo-learn)"
+    )
+    p.add_argument(
+        "--zero-init-residual",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="ResNets: start the last BatchNorm of every residual block at zero (the official SimCLR, BYOL, VICReg)",
+    )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
     p.set_defaults(method=METHOD)
     # method
@@ -65,7 +76,7 @@ def get_args(argv=None):
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup epochs")
     p.add_argument("--aug", default="simclr", help="augmentation recipe (common.RECIPES); CIFAR: simclr-cifar")
     p.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax over similarities")
-    p.add_argument("--mlp", default="2048-128", help="projector widths (the last is the embedding)")
+    p.add_argument("--mlp", default="embed-128", help="projector widths, the last the embedding (embed: the encoder's)")
     p.add_argument("--negatives", type=int, default=0, help="random negatives per anchor (0: all 2N-2)")
     return common.check_args(p.parse_args(argv))
 
@@ -108,7 +119,7 @@ class SimCLR(nn.Module):
         super().__init__()
         self.backbone = common.build_backbone(args)
         dim = self.backbone.embed_dim
-        self.projector = mlp(dim, [int(w) for w in args.mlp.split("-")])
+        self.projector = mlp(dim, [dim if w == "embed" else int(w) for w in args.mlp.split("-")])
         self.args = args
 
     def forward(self, views):

@@ -61,6 +61,17 @@ def get_args(argv=None):
     p.add_argument(
         "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
     )
+    p.add_argument("--lars-eta", type=float, default=0.001, help="LARS trust coefficient (solo-learn's LARS: 0.02)")
+    p.add_argument(
+        "--lars-clip", type=int, default=0, choices=[0, 1], help="1: cap each layer's LARS rate at the lr (solo-learn)"
+    )
+    p.add_argument(
+        "--zero-init-residual",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="ResNets: start the last BatchNorm of every residual block at zero (the official SimCLR, BYOL, VICReg)",
+    )
     p.add_argument("--out", default=f"runs/{METHOD}", help="output folder; rerunning with the same folder resumes")
     p.set_defaults(method=METHOD)
     # method

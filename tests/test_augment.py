@@ -163,3 +163,20 @@ def test_gpu_aug_trains_like_the_worker_path(tmp_path):
         )
         losses[flag] = [r["loss"] for r in common.read_log(out / "log.jsonl") if "loss" in r]
     assert len(losses[""]) == 1 and abs(losses[""][0] - losses["--gpu-aug"][0]) < 0.02 * losses[""][0]
+
+
+def test_solo_learn_cifar_recipes():
+    """solo-learn's scripts/pretrain/cifar configs: BYOL's asymmetric set without blur (solarize 0 / 0.2), VICReg's
+    symmetric set with crops of 0.2-1, solarize 0.1 and no blur; both jitter 0.4/0.4/0.2/0.1 with p 0.8, gray 0.2,
+    flip 0.5."""
+    shared = {"jitter": (0.4, 0.4, 0.2, 0.1), "jitter_p": 0.8, "gray_p": 0.2, "blur_p": 0.0, "flip_p": 0.5}
+    expected = {
+        "byol-cifar": [{"scale": (0.08, 1.0), "solarize_p": 0.0}, {"scale": (0.08, 1.0), "solarize_p": 0.2}],
+        "vicreg-cifar": [{"scale": (0.2, 1.0), "solarize_p": 0.1}] * 2,
+    }
+    for name, views in expected.items():
+        specs = common.make_views(name, 32).specs
+        assert [{k: getattr(s, k) for k in {**shared, **v}} for s, v in zip(specs, views)] == [
+            {**shared, **v} for v in views
+        ]
+        assert all(s.size == 32 and s.ratio == (3 / 4, 4 / 3) and s.noise == 0 for s in specs)

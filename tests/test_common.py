@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+import torchvision.models.resnet as tv_blocks
 from conftest import spawn
 from torch import nn
 
@@ -32,6 +33,43 @@ def test_lars_two_steps_match_hand_computation():
         W, B = W - lr * mu_w, B - lr * mu_b
     np.testing.assert_allclose(pw.detach().numpy(), W, rtol=1e-12)
     np.testing.assert_allclose(pb.detach().numpy(), B, rtol=1e-12)
+
+
+def test_lars_eta_and_clip_match_hand_computation():
+    """solo-learn's LARS settings (eta 0.02, clip_lr as apex's LARC): a layer's rate is min(trust, lr) instead of
+    lr x trust. One matrix is large against its gradient (trust above the lr: its rate is the lr), one small (its
+    rate is its trust ratio); the lr changes between the steps, as a schedule does."""
+    torch.manual_seed(0)
+    big, small = 10 * torch.randn(4, 4, dtype=torch.float64), 0.01 * torch.randn(4, 4, dtype=torch.float64)
+    grads = [(0.01 * torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64)) for _ in range(2)]
+    wd, eta, m = 1e-4, 0.02, 0.9
+    pb, ps = nn.Parameter(big.clone()), nn.Parameter(small.clone())
+    opt = common.LARS([pb, ps], lr=1.0, weight_decay=wd, momentum=m, eta=eta, clip=True)
+    P = [big.numpy().copy(), small.numpy().copy()]
+    mu = [np.zeros_like(P[0]), np.zeros_like(P[1])]
+    clipped = []
+    for lr, (g_big, g_small) in zip((1.0, 0.5), grads):
+        common.set_lr(opt, lr)
+        pb.grad, ps.grad = g_big.clone(), g_small.clone()
+        opt.step()
+        for k, g in enumerate((g_big.numpy(), g_small.numpy())):
+            d = g + wd * P[k]
+            trust = eta * np.linalg.norm(P[k]) / np.linalg.norm(d)
+            clipped.append(trust > lr)
+            mu[k] = m * mu[k] + d * min(trust / lr, 1)  # then the step lr x mu: the rate min(trust, lr)
+            P[k] = P[k] - lr * mu[k]
+    assert clipped == [True, False, True, False]
+    np.testing.assert_allclose(pb.detach().numpy(), P[0], rtol=1e-12)
+    np.testing.assert_allclose(ps.detach().numpy(), P[1], rtol=1e-12)
+
+
+def test_lars_flags_reach_the_optimizer():
+    import byol
+
+    args = byol.get_args(["--lars-eta", "0.02", "--lars-clip", "1"])
+    opt = common.build_optimizer(args, common.Env(torch.device("cpu")), nn.Linear(3, 3), lr=1.0)
+    assert opt.defaults["eta"] == 0.02 and opt.defaults["clip"] is True
+    assert byol.get_args([]).lars_eta == 0.001 and not byol.get_args([]).lars_clip  # the official LARS by default
 
 
 def test_lars_zero_weight_uses_unit_trust_ratio():
@@ -90,7 +128,7 @@ def test_gather_is_identity_without_process_group():
 
 
 def make_args(**kw):
-    base = {"arch": "resnet18", "width": 1.0, "img_size": 32, "stem": "auto", "patch_size": 4}
+    base = {"arch": "resnet18", "width": 1.0, "img_size": 32, "stem": "auto", "patch_size": 4, "zero_init_residual": 0}
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -187,17 +225,42 @@ def test_flop_count_of_a_linear_layer_and_state_restored():
     assert all(p.grad is None for p in net.parameters())
 
 
+@pytest.mark.parametrize("arch, last_norm", [("resnet18", "bn2"), ("resnet50", "bn3")])
+def test_zero_init_residual_zeroes_the_last_norm_of_every_block(arch, last_norm):
+    """--zero-init-residual 1: the last BatchNorm's weight of each block is 0 (each block starts as the identity),
+    every other BatchNorm keeps weight 1; 0 is torchvision's init. At width 0.5 too (its blocks are rebuilt)."""
+    for width in (1.0, 0.5):
+        args = make_args(arch=arch, width=width, zero_init_residual=1)
+        zeroed, plain = common.build_backbone(args), common.build_backbone(make_args(arch=arch, width=width))
+        blocks = [m for m in zeroed.modules() if isinstance(m, (tv_blocks.BasicBlock, tv_blocks.Bottleneck))]
+        assert len(blocks) == (8 if arch == "resnet18" else 16)
+        last = {id(getattr(b, last_norm).weight) for b in blocks}
+        for weight in (m.weight for m in zeroed.modules() if isinstance(m, nn.BatchNorm2d)):
+            assert torch.all(weight == (0 if id(weight) in last else 1))
+        assert all(torch.all(m.weight == 1) for m in plain.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_zero_init_residual_defaults_follow_each_official_code():
+    import byol
+    import dino
+    import simclr
+    import vicreg
+
+    defaults = {m.METHOD: m.get_args([]).zero_init_residual for m in (simclr, byol, vicreg, dino)}
+    assert defaults == {"simclr": 1, "byol": 1, "vicreg": 1, "dino": 0}
+
+
 def test_width_multiplier_scales_every_resnet_layer():
     """--width: SimCLR's ResNet-50 (2x) has 94M parameters (SimCLR paper Table 6); a half-width
     ResNet-18 has channels 32-64-128-256 in both stems and a 256-d output; width 1 is torchvision's network."""
-    wide = common.build_backbone(SimpleNamespace(arch="resnet50", width=2.0, stem="imagenet", img_size=224))
+    wide = common.build_backbone(make_args(arch="resnet50", width=2.0, stem="imagenet", img_size=224))
     assert wide.embed_dim == 4096 and sum(p.numel() for p in wide.parameters()) == pytest.approx(94e6, rel=0.01)
     for stem in ("imagenet", "cifar"):
-        half = common.build_backbone(SimpleNamespace(arch="resnet18", width=0.5, stem=stem, img_size=32))
+        half = common.build_backbone(make_args(width=0.5, stem=stem))
         convs = [m.out_channels for m in half.modules() if isinstance(m, nn.Conv2d)]
         assert half.conv1.out_channels == 32 and sorted(set(convs)) == [32, 64, 128, 256]
         assert half(torch.randn(2, 3, 32, 32)).shape == (2, half.embed_dim) == (2, 256)
-    plain = common.build_backbone(SimpleNamespace(arch="resnet18", width=1.0, stem="imagenet", img_size=32))
+    plain = common.build_backbone(make_args(stem="imagenet"))
     reference = torchvision.models.resnet18()
     assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in reference.parameters()) - 513 * 1000
     with pytest.raises(common.UserError, match="--width"):

@@ -12,9 +12,17 @@ import common
 import eval_linear
 
 
-def fake_run(folder, method, **args):
+def fake_run(folder, method, **kwargs):
     """A run folder as a training script leaves it: backbone.pt (random weights) and args.json."""
-    args = {"dataset": "synthetic", "img_size": 32, "patch_size": 8, "stem": "auto", "width": 1.0, **args}
+    args = {
+        "dataset": "synthetic",
+        "img_size": 32,
+        "patch_size": 8,
+        "stem": "auto",
+        "width": 1.0,
+        "zero_init_residual": 1,
+    }
+    args.update(kwargs)
     torch.manual_seed(0)
     torch.save(common.build_backbone(SimpleNamespace(**args)).state_dict(), folder / "backbone.pt")
     (folder / "args.json").write_text(json.dumps({**args, "method": method}))

@@ -164,7 +164,7 @@ def test_bn_stats_from_data_are_the_mean_and_variance_of_the_images():
     import eval_linear
 
     args = SimpleNamespace(dataset="synthetic", data=None, arch="resnet18", width=1.0, stem="imagenet", img_size=32,
-                           patch_size=None, seed=0, batch=64, workers=0, gpu_aug=False)  # fmt: skip
+                           patch_size=None, seed=0, batch=64, workers=0, gpu_aug=False, zero_init_residual=0)  # fmt: skip
     env = common.Env(torch.device("cpu"))
     backbone, train = common.build_backbone(args), common.build_dataset(args, "memory")
     eval_linear.estimate_bn_stats(backbone, train, args, env, images=48)  # one batch: exact statistics
@@ -187,7 +187,7 @@ def test_eval_linear_takes_the_width_from_the_run(tmp_path):
     """A half-width run's backbone.pt loads with the width of its args.json; --width 1 refuses it."""
     import eval_linear
 
-    args = SimpleNamespace(arch="resnet18", width=0.5, stem="imagenet", img_size=32)
+    args = SimpleNamespace(arch="resnet18", width=0.5, stem="imagenet", img_size=32, zero_init_residual=1)
     torch.save(common.build_backbone(args).state_dict(), tmp_path / "backbone.pt")
     (tmp_path / "args.json").write_text(json.dumps({**vars(args), "dataset": "synthetic", "method": "byol"}))
     loaded = eval_linear.resolve(eval_linear.get_args(["--ckpt", str(tmp_path / "backbone.pt")]))

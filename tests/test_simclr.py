@@ -48,3 +48,14 @@ def test_projector_official_head():
     assert not head[-1].bias.requires_grad and torch.all(head[-1].bias == 0)  # the last BN has no beta
     assert head[0].bias is None and head[3].bias is None
     assert F.normalize(out, dim=1).shape == (10, 128)
+
+
+@pytest.mark.parametrize(
+    "arch, width, hidden", [("resnet50", 1.0, 2048), ("resnet50", 2.0, 4096), ("resnet18", 1.0, 512)]
+)
+def test_default_projector_follows_the_encoders_width(arch, width, hidden):
+    """The official head's hidden layer is as wide as the encoder's output (4096 for a ResNet-50 2x)."""
+    args = simclr.get_args(["--arch", arch, "--width", str(width), "--img-size", "32"])
+    net = simclr.SimCLR(args)
+    linears = [m for m in net.projector if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(hidden, hidden), (hidden, 128)]
