@@ -601,9 +601,10 @@ def render(crops, p, host_p, runs, taps):
 
 
 def cut_crops(images, p, size):
-    """Crop boxes p[:, :4] out of uint8 images and resize them to size x size, bilinear and antialiased: a list
-    of (3, H, W) images on the CPU through F.interpolate's uint8 path, or an (n, 3, H, W) canvas holding them at
-    the top left through roi_align (averaging ceil(box/size)^2 bilinear samples per pixel). Floats in [0, 1]."""
+    """Crop boxes p[:, :4] out of uint8 images and resize them to size x size: a list of (3, H, W) images on the
+    CPU through F.interpolate's uint8 path, bicubic and antialiased as the official code of all five methods (2%
+    slower than bilinear at 224 px), or with --gpu-aug an (n, 3, H, W) canvas holding them at the top left through
+    roi_align (bilinear: it averages ceil(box/size)^2 bilinear samples per pixel). Floats in [0, 1]."""
     if torch.is_tensor(images):
         top, left, h, w = p[:, :4].unbind(1)
         rois = torch.stack([torch.arange(len(p), device=p.device, dtype=p.dtype), left, top, left + w, top + h], 1)
@@ -611,7 +612,7 @@ def cut_crops(images, p, size):
     crops = []
     for img, (top, left, h, w) in zip(images, p[:, :4].int().tolist()):
         crop = img[None, :, top : top + h, left : left + w]
-        crops.append(F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False))
+        crops.append(F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False))
     return torch.cat(crops).float() / 255
 
 

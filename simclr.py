@@ -15,10 +15,15 @@ Usage:
         --aug simclr-cifar                             # the paper's App. B.9: colour strength 0.5, no blur
     python eval_linear.py --ckpt runs/simclr/backbone.pt
 
-Defaults: the paper's ImageNet recipe: ResNet-50, projector 2048-2048-128 with BN after every layer (the
-official code), LARS lr 0.3 x B/256, wd 1e-6 (the current official README: 1e-4, from SimCLRv2), batch 4096,
-100 epochs, 10 warmup, cosine, temperature 0.1. ImageNet linear top-1 of a ResNet-50: 64.5 after 100 epochs
-(paper Table 1), 69.3 after 1000 (Table 6); CIFAR-10: 94.0 (App. B.9), ~91 with a ResNet-18 (README).
+Defaults: the paper's ImageNet recipe: ResNet-50, projector 2048-2048-128 with BN after every layer and its hidden
+layer as wide as the encoder's output (the official code: 4096 for a ResNet-50 2x), LARS lr 0.3 x B/256, wd 1e-6
+(the current official README: 1e-4, from SimCLRv2), batch 4096, 100 epochs, 10 warmup, cosine, temperature 0.1,
+the last BatchNorm of every residual block starting at zero, and the loss at the official code's scale (loss_a +
+loss_b: twice the paper's mean, which matters under LARS). ImageNet linear top-1 of a ResNet-50: 64.5 after 100
+epochs (paper Table 1), 69.3 after 1000 (Table 6); CIFAR-10: 94.0 (App. B.9), ~91 with a ResNet-18 (README).
+Departures from the official code: its LARS multiplies by the lr inside the momentum (v <- m v + lr g), which
+differs from lr x (m v + g) while the lr changes (warmup, cosine), and excludes parameters from decay and the
+trust ratio by name, here by shape (1-D); its blur draws one sigma per batch, here one per image.
 """
 
 import argparse

@@ -127,7 +127,7 @@ def test_probabilities_and_the_two_paths_agree():
     for col, p in [("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.5), ("solarize", 0.2)]:
         assert abs(rows[:, getattr(common.COL, col)].mean().item() - p) < 0.03, col
     worker, device = render(views, [img] * 64, "worker")[0].float(), render(views, [img] * 64, "gpu-aug")[0].float()
-    # the same draws: only the resampling differs (F.interpolate against roi_align)
+    # the same draws: only the resampling differs (F.interpolate's bicubic against roi_align's bilinear)
     assert (worker - device).abs().mean() < 6 and (worker - device.roll(1, 0)).abs().mean() > 20
 
 
@@ -142,7 +142,9 @@ def test_jpeg_draft_decodes_at_reduced_size_never_below_the_views(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_aug_trains_like_the_worker_path(tmp_path):
-    """--gpu-aug renders the same draws in to_device: the first losses match the worker path's closely."""
+    """--gpu-aug renders the same draws in to_device: the first losses match the worker path's closely. Within 3%,
+    as bench/gpu_check.py: the workers resize bicubically, roi_align on the device bilinearly (measured: 2.6% apart;
+    under 2% when both were bilinear)."""
     from conftest import TINY, run_script
 
     losses = {}
@@ -162,7 +164,7 @@ def test_gpu_aug_trains_like_the_worker_path(tmp_path):
             *([flag] if flag else []),
         )
         losses[flag] = [r["loss"] for r in common.read_log(out / "log.jsonl") if "loss" in r]
-    assert len(losses[""]) == 1 and abs(losses[""][0] - losses["--gpu-aug"][0]) < 0.02 * losses[""][0]
+    assert len(losses[""]) == 1 and abs(losses[""][0] - losses["--gpu-aug"][0]) < 0.03 * losses[""][0]
 
 
 def test_solo_learn_cifar_recipes():

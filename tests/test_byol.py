@@ -1,6 +1,5 @@
 """byol.py: the loss against a plain loop, no gradient into the targets, the EMA update by hand."""
 
-import argparse
 
 import pytest
 import torch
@@ -46,7 +45,7 @@ def test_target_gets_no_gradient_and_is_not_optimised():
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in net.target.parameters())
     assert all(p.grad is not None for p in net.predictor.parameters())
-    args = argparse.Namespace(optimizer="lars", wd=0.0)
+    args = byol.get_args(["--optimizer", "lars", "--wd", "0"])
     optimizer = common.build_optimizer(args, common.Env(torch.device("cpu")), net, lr=0.1)
     optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert not optimised & {id(p) for p in net.target.parameters()}
