@@ -25,10 +25,11 @@ its LARS divides by ||g|| + wd*||p|| (here ||g + wd*p||, see common.LARS); it no
 std (here ImageNet's); its target starts as a copy of the online network (here its own random init).
 
 Defaults: the paper's ImageNet recipe: ResNet-50, projector and predictor 4096-256, LARS lr 0.2 x B/256, wd
-1.5e-6, batch 4096, 1000 epochs, 10 warmup, cosine, EMA 0.996 -> 1. The last BatchNorm of every residual block
-starts at zero, as the released code (its README: more stable; the paper's numbers used 1: --zero-init-residual 0). Official presets: 300 epochs lr 0.3 wd 1e-6
---ema 0.99; 100 epochs lr 0.45 wd 1e-6 --ema 0.99. ImageNet linear top-1 of a ResNet-50: 74.3 after 1000
-epochs (paper Table 1), 72.5 after 300 (Table 5), 69.3 after 100 (VICReg's re-implementation, its App. C.4).
+1.5e-6, batch 4096, 1000 epochs, 10 warmup, cosine, EMA 0.996 -> 1; the last BatchNorm of every residual block
+starts at zero, as the released code (its README: more stable training; the paper's numbers used 1, which is
+--zero-init-residual 0). Official presets: 300 epochs lr 0.3 wd 1e-6 --ema 0.99; 100 epochs lr 0.45 wd 1e-6
+--ema 0.99. ImageNet linear top-1 of a ResNet-50: 74.3 after 1000 epochs (paper Table 1), 72.5 after 300
+(Table 5), 69.3 after 100 (VICReg's re-implementation, its App. C.4).
 """
 
 import argparse

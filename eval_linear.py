@@ -30,11 +30,15 @@ docstring names; --data and the ImageNet run folder are the user's):
   vicreg  73.2 (1000 ep), ResNet-50 (official evaluate.py: SGD, 100 epochs, B 256, lr 0.02, wd 1e-6):
           --protocol augmented --epochs 100 --batch 256 --lr 0.02 --wd 1e-6
   dino    74.0 (ViT-S/16, 100 ep) and 77.0 (the 800-epoch release), last 4 [CLS] tokens (official eval_linear.py:
-          SGD, 100 epochs, B 1024, lr swept around 0.001 x B/256): --protocol augmented --batch 1024 --lr <swept>
+          SGD, 100 epochs, 128 per GPU on 8, lr swept around 0.001 x B/256): --protocol augmented --batch 1024
+          --lr <swept>
   mae     68.0 (ViT-B/16, 1600 ep; [CLS] token, BatchNorm head, LARS, official FINETUNE.md):
           --protocol augmented (every setting on auto)
 Departures: the sgd optimizer is always Nesterov (DINO's and VICReg's code use plain momentum); the probe's train
-crops are the augmentation engine's (bilinear or bicubic as the engine), not each repository's own transform.
+crops are the augmentation engine's, bicubic (DINO's probe: bilinear); MAE's probe normalises the head's BatchNorm
+over the whole batch (16384 in one process; the official code: 512 per GPU); the augmented protocol runs in one
+process. A random-init baseline for a DINO ViT run needs the run's probe flags (--n-last-blocks 4, or 1 with
+--avgpool on for ViT-B): --ckpt random has no method to take them from.
 
 The last line printed is a JSON object with linear_top1, knn_top1 (%), what was probed (features, feature_dim)
 and the protocol's settings; it is also written to --out.
@@ -145,8 +149,8 @@ def resolve(args):
     }
     filled = {key: run.get(key, default) for key, default in defaults.items() if getattr(args, key) is None}
     # --ckpt random is torchvision's initialisation, residual branches included (the baseline the docstrings quote)
-    unset = {**filled, "method": run.get("method"), "zero_init_residual": 0}
-    checked = common.check_args(argparse.Namespace(**{**vars(args), **unset}))
+    from_run = {**filled, "method": run.get("method"), "zero_init_residual": 0}
+    checked = common.check_args(argparse.Namespace(**{**vars(args), **from_run}))
     return argparse.Namespace(**{**vars(checked), **protocol_defaults(checked)})
 
 
@@ -157,17 +161,15 @@ def protocol_defaults(args):
     mean patch token (ViT-B), as DINO's eval_linear.py; everything else is SGD, batch 256, 100 epochs, no warmup."""
     mae_augmented = args.method == "mae" and args.protocol == "augmented"
     vit = args.arch.startswith("vit")
-    dino_vit = args.method == "dino" and vit
+    dino_vit, vit_base = args.method == "dino" and vit, args.arch == "vit_base"
     settings = {
         "optimizer": ("lars" if mae_augmented else "sgd") if args.optimizer == "auto" else args.optimizer,
-        "epochs": args.epochs or (90 if mae_augmented else 100),
-        "batch": args.batch or (16384 if mae_augmented else 256),
+        "epochs": (90 if mae_augmented else 100) if args.epochs is None else args.epochs,
+        "batch": (16384 if mae_augmented else 256) if args.batch is None else args.batch,
         "warmup_epochs": (10 if mae_augmented else 0) if args.warmup_epochs is None else args.warmup_epochs,
         "bn_head": ("on" if args.method == "mae" else "off") if args.bn_head == "auto" else args.bn_head,
-        "n_last_blocks": args.n_last_blocks or (4 if dino_vit and args.arch != "vit_base" else 1),
-        "avgpool": ("on" if dino_vit and args.arch == "vit_base" else "off")
-        if args.avgpool == "auto"
-        else args.avgpool,
+        "n_last_blocks": (1 if vit_base or not dino_vit else 4) if args.n_last_blocks is None else args.n_last_blocks,
+        "avgpool": ("on" if dino_vit and vit_base else "off") if args.avgpool == "auto" else args.avgpool,
     }
     depth = common.ARCHS[args.arch][1] if vit else 1
     if not vit and (settings["n_last_blocks"] != 1 or settings["avgpool"] == "on"):
@@ -332,8 +334,8 @@ def probe_augmented(features, train_set, test_f, test_l, classes, args, env):
         loader.sampler.set_epoch(epoch)
         for views, label in loader:
             common.set_lr(optimizer, common.cosine_schedule(step, total, warmup, peak))
-            with torch.no_grad(), amp():
-                feats = features(common.to_device(views, args, env)[0]).float()
+            with torch.no_grad(), amp():  # in chunks: MAE's batch of 16384 would not fit through a ViT at once
+                feats = torch.cat([features(common.to_device([c], args, env)[0]) for c in views[0].split(256)]).float()
             loss = F.cross_entropy(head(feats), label.to(env.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -354,6 +356,8 @@ def main(argv=None):
         raise common.UserError(
             f"{args.dataset} at {args.data} has no labelled train/ and val/ (or test/) to evaluate on"
         )
+    if args.protocol == "augmented" and env.world > 1:
+        raise common.UserError("--protocol augmented trains one classifier in one process; run it without torchrun")
     train_set = splits[0]
     args = argparse.Namespace(**{**vars(args), "batch": min(args.batch, len(train_set))})  # MAE's 16384 on less
     if args.bn_stats == "data":
@@ -362,6 +366,7 @@ def main(argv=None):
     train_f, train_l, test_f, test_l = common.split_features(features, splits, args, env)
     classes = int(max(train_l.max(), test_l.max())) + 1
     settings = ("protocol", "bn_stats", "optimizer", "epochs", "batch", "warmup_epochs", "wd", "bn_head")
+    settings += ("n_last_blocks", "avgpool")
     result = {
         "ckpt": args.ckpt,
         "arch": args.arch,
@@ -375,8 +380,7 @@ def main(argv=None):
     if args.protocol == "features":
         result["linear_top1"], result["lr"] = probe_features(train_f, train_l, test_f, test_l, classes, args, env)
     else:
-        probe = probe_augmented(features, train_set, test_f, test_l, classes, args, env)
-        result["linear_top1"], result["lr"] = probe
+        result["linear_top1"], result["lr"] = probe_augmented(features, train_set, test_f, test_l, classes, args, env)
     out = args.out or (
         os.path.join(os.path.dirname(args.ckpt), "eval.json") if args.ckpt != "random" else "eval_random.json"
     )

@@ -1,6 +1,5 @@
 """byol.py: the loss against a plain loop, no gradient into the targets, the EMA update by hand."""
 
-
 import pytest
 import torch
 

@@ -63,6 +63,19 @@ def test_lars_eta_and_clip_match_hand_computation():
     np.testing.assert_allclose(ps.detach().numpy(), P[1], rtol=1e-12)
 
 
+def test_lars_clip_without_weight_decay_is_solo_learns_update():
+    """With wd 0 the trust ratios agree, and one step equals solo-learn's (Lightning Bolts') LARS written out:
+    rate = eta ||p|| / (||g|| + eps), clipped to min(rate / lr, 1), then p - lr x rate x g."""
+    torch.manual_seed(1)
+    for scale in (10.0, 0.01):  # clipped, then not
+        w, g = scale * torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+        p = nn.Parameter(w.clone())
+        p.grad = g.clone()
+        common.LARS([p], lr=0.5, weight_decay=0.0, eta=0.02, clip=True).step()
+        rate = min(0.02 * w.norm() / (g.norm() + 1e-8) / 0.5, 1.0)
+        torch.testing.assert_close(p.detach(), w - 0.5 * rate * g, rtol=1e-7, atol=0)
+
+
 def test_lars_flags_reach_the_optimizer():
     import byol
 

@@ -142,3 +142,26 @@ def test_mae_augmented_probe_runs_lars_with_warmup_then_cosine(tmp_path, monkeyp
     assert optimizers[0].defaults["weight_decay"] == 0 and optimizers[0].defaults["momentum"] == 0.9
     result = json.loads((tmp_path / "eval.json").read_text())
     assert (result["optimizer"], result["batch"], result["bn_head"]) == ("lars", 48, "on")
+
+
+def test_augmented_probe_trains_on_every_image_once_per_epoch_with_that_epochs_draws(tmp_path, monkeypatch):
+    """The probe's own loop sets the epoch: the keys reaching the augmentation are (epoch, index), every training
+    image once in each epoch (the bug this replaces drew every image's crop with epoch 0, every epoch)."""
+    keys = []
+    real_getitem = common.Augmented.__getitem__
+
+    def record(self, key):
+        keys.append(key)
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(common.Augmented, "__getitem__", record)
+    flags = ["--ckpt", "random", "--arch", "resnet18", "--protocol", "augmented", "--subset", 16, "--epochs", 3]
+    eval_linear.main([*map(str, flags), "--batch", "8", "--lr", "0.1", "--workers", "0", "--out", str(tmp_path / "e")])
+    drawn = [k for k in keys if isinstance(k, tuple)]  # the center crops of the features are keyed by index only
+    assert sorted(drawn) == [(epoch, i) for epoch in range(3) for i in range(16)]
+
+
+def test_probe_settings_refuse_zero():
+    for flag in ("--epochs", "--batch", "--n-last-blocks"):
+        with pytest.raises(common.UserError):
+            resolved("random", "--arch", "vit_tiny", flag, 0)

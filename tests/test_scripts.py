@@ -164,7 +164,8 @@ def test_bn_stats_from_data_are_the_mean_and_variance_of_the_images():
     import eval_linear
 
     args = SimpleNamespace(dataset="synthetic", data=None, arch="resnet18", width=1.0, stem="imagenet", img_size=32,
-                           patch_size=None, seed=0, batch=64, workers=0, gpu_aug=False, zero_init_residual=0)  # fmt: skip
+                           patch_size=None, seed=0, batch=64, workers=0, gpu_aug=False,
+                           zero_init_residual=0)  # fmt: skip
     env = common.Env(torch.device("cpu"))
     backbone, train = common.build_backbone(args), common.build_dataset(args, "memory")
     eval_linear.estimate_bn_stats(backbone, train, args, env, images=48)  # one batch: exact statistics
@@ -199,8 +200,8 @@ def test_eval_linear_takes_the_width_from_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_simclr_learns_on_synthetic_data(tmp_path):
-    """4 epochs (248 steps) lift k-NN top-1 clearly above the same network at random init (measured: 44.9
-    against 30.9; the docstring demo's 5 epochs reach 47.3)."""
+    """4 epochs (248 steps) lift k-NN top-1 clearly above the same network at random init (measured: 49.6
+    against 30.9, with the official defaults: zero-initialised residuals, the projector 512-512-128)."""
     train = [*LEARN, "--epochs", 4, "--temperature", 0.2, "--knn-every", 4, "--out", tmp_path]
     run_script("simclr.py", *train, timeout=LEARN_TIMEOUT)
     trained = read_log(tmp_path)[-1]["knn_top1"]
@@ -249,15 +250,16 @@ def test_dino_learns_on_synthetic_data(tmp_path):
 
 
 # (loss factor after 3 epochs)
-SLOW_STARTERS = {"byol": (["--ema", "0.99", "--mlp", "1024-256"], 0.7), "vicreg": (["--mlp", "1024-1024-1024"], 0.95)}
+SLOW_STARTERS = {"byol": (["--ema", "0.99", "--mlp", "1024-256"], 0.7), "vicreg": (["--mlp", "1024-1024-1024"], 0.97)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in METHODS if m in SLOW_STARTERS])
 def test_learns_loss_falls_on_synthetic_data(method, tmp_path):
     """BYOL and VICReg need more steps than a CI test can give before k-NN rises above a random network's
-    (after 3 epochs on 4000 images: BYOL 28.1, VICReg 27.9 against 30.9 at random init); here the loss must fall."""
-    flags, factor = SLOW_STARTERS[method]
+    (after 3 epochs on 4000 images: BYOL 28.1, VICReg 27.9 against 30.9 at random init); here the loss must fall.
+    Measured (last 3 intervals against the first): BYOL 0.43, VICReg 0.946 (0.937 with --zero-init-residual 0)."""
+    flags, factor = SLOW_STARTERS[method]  # VICReg's 0.97: room for another CPU's arithmetic above the measured 0.946
     run_script(f"{method}.py", *LEARN, *flags, "--subset", 1024, "--epochs", 3, "--knn-every", 0,
                "--log-every", 4, "--out", tmp_path)  # fmt: skip
     losses = [r["loss"] for r in read_log(tmp_path) if "loss" in r]
