@@ -733,7 +733,7 @@ RECIPES = {
     "mae": lambda size, **_: Views([ViewSpec(size, (0.2, 1.0), jitter_p=0.0, gray_p=0.0)]),
     # DINO's multi-crop (ViT): global crops of scale 0.4-1, local crops of 0.05-0.4.
     "dino": lambda size, local_crops=0, patch=1, **_: multi_crop(size, local_crops, patch),
-    # DINO's ResNet-50 command: wider global and narrower local crops.
+    # DINO's ResNet-50 command: wider global and narrower local crops (0.14-1: the official advice without local crops).
     "dino-resnet": lambda size, local_crops=0, patch=1, **_: multi_crop(
         size, local_crops, patch, (0.14, 1), (0.05, 0.14)
     ),

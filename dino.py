@@ -17,8 +17,10 @@ Usage:
     python dino.py --dataset cifar10 --arch vit_tiny --batch 256 --local-crops 0 --out-dim 4096 --ema 0.9995 \\
         --aug dino-resnet                              # CIFAR: no local crops, so global crops of 0.14-1
     python eval_linear.py --ckpt runs/dino/backbone.pt # ViT-S: the last 4 blocks' [CLS] tokens, as the official probe
-ResNet-50, the official README's command (its teacher temperature: the code's default, 0.04 flat):
-    --arch resnet50 --optimizer sgd --lr 0.03 --wd 1e-4 --wd-end 1e-4 --aug dino-resnet --teacher-temp 0.04 \\
+ResNet-50 as the official README's command (8 GPUs x 64 images; the teacher temperature is the code's default,
+0.04 flat):
+    torchrun --nproc_per_node=8 dino.py --dataset imagenet --data /data/imagenet --arch resnet50 --batch 512 \\
+        --optimizer sgd --lr 0.03 --wd 1e-4 --wd-end 1e-4 --aug dino-resnet --teacher-temp 0.04 \\
         --warmup-teacher-temp-epochs 0
 Without local crops the official help advises global crops of 0.14-1 (--aug dino-resnet: its global crops).
 
@@ -28,9 +30,10 @@ Defaults: the paper's ViT-S/16 recipe: drop-path 0.1, head 2048-2048-256 + K=655
 tensor, last layer frozen in epoch 0. ResNets keep torchvision's init (no zero-initialised residuals, as the
 official code). Exported: the teacher.
 Reference numbers, ImageNet ViT-S/16, k-NN / linear (the official README; the linear probe reads the last 4 blocks'
-[CLS] tokens): 100 epochs with the official code's defaults (--teacher-temp 0.04 --warmup-teacher-temp-epochs 0):
-69.3 / 74.0; 300 epochs with --teacher-temp 0.07 --warmup-teacher-temp-epochs 30 --norm-last-layer 0: 73.3 / 76.0;
-the released 800-epoch model: 74.5 / 77.0 (paper Table 2); the released ResNet-50: 67.5 / 75.3.
+[CLS] tokens): 100 epochs with the official code's defaults on 8 GPUs (--batch 512 --teacher-temp 0.04
+--warmup-teacher-temp-epochs 0): 69.3 / 74.0; 300 epochs on 16 GPUs (--batch 1024 --teacher-temp 0.07
+--warmup-teacher-temp-epochs 30 --norm-last-layer 0): 73.3 / 76.0; the released 800-epoch model: 74.5 / 77.0
+(paper Table 2); the released ResNet-50: 67.5 / 75.3.
 Departures from the official code: its blur and solarize are PIL's; its local crops are 96 px at 224 (here 96/224
 of --img-size, rounded to the patch); it trains in fp16 with a GradScaler by default (here bf16 on CUDA).
 """
