@@ -182,3 +182,17 @@ def test_solo_learn_cifar_recipes():
             {**shared, **v} for v in views
         ]
         assert all(s.size == 32 and s.ratio == (3 / 4, 4 / 3) and s.noise == 0 for s in specs)
+
+
+def test_worker_crops_are_torchvisions_bicubic_antialiased_resized_crop():
+    """The worker path resizes each crop as torchvision's resized_crop with bicubic, antialiased resampling (the
+    official code's interpolation); no colour, no flip, so the view is the resized crop itself."""
+    spec = common.ViewSpec(24, (0.08, 1.0), jitter_p=0.0, gray_p=0.0, flip_p=0.0)
+    views = common.Views([spec])
+    img = common.SyntheticTextures(1, 64, seed=2)[0][0]
+    for _ in range(5):
+        _, params = views.draw(img)
+        top, left, height, width = params[0, :4].int().tolist()
+        got = views.render([img], params[None])[0][0]
+        want = TF.resized_crop(img, top, left, height, width, [24, 24], v2.InterpolationMode.BICUBIC, antialias=True)
+        assert torch.equal(got, want)
