@@ -57,6 +57,19 @@ from torch.utils.data import DataLoader
 import common
 
 LR_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# the protocol's settings, as resolved, that eval.json records
+RECORDED_SETTINGS = (
+    "protocol",
+    "bn_stats",
+    "optimizer",
+    "epochs",
+    "batch",
+    "warmup_epochs",
+    "wd",
+    "bn_head",
+    "n_last_blocks",
+    "avgpool",
+)
 
 
 def get_args(argv=None):
@@ -235,14 +248,10 @@ class ProbedFeatures(nn.Module):
         dim = backbone.embed_dim
         self.embed_dim = dim * (n_last_blocks + avgpool)
         self.final = slice((n_last_blocks - 1) * dim, n_last_blocks * dim)
+        cls = "the [CLS] token" if n_last_blocks == 1 else f"the [CLS] tokens of the last {n_last_blocks} blocks"
+        self.name = cls + (" and the last block's mean patch token" if avgpool else "")
         if not isinstance(backbone, common.VisionTransformer):
             self.name = "the pooled ResNet output"
-        elif n_last_blocks == 1:
-            self.name = "the [CLS] token" + (" and the mean patch token" if avgpool else "")
-        else:
-            self.name = f"the [CLS] tokens of the last {n_last_blocks} blocks" + (
-                " and the last block's mean patch token" if avgpool else ""
-            )
 
     def forward(self, x):
         if self.n_last_blocks == 1 and not self.avgpool:
@@ -365,8 +374,6 @@ def main(argv=None):
     features = ProbedFeatures(backbone, args.n_last_blocks, args.avgpool == "on")
     train_f, train_l, test_f, test_l = common.split_features(features, splits, args, env)
     classes = int(max(train_l.max(), test_l.max())) + 1
-    settings = ("protocol", "bn_stats", "optimizer", "epochs", "batch", "warmup_epochs", "wd", "bn_head")
-    settings += ("n_last_blocks", "avgpool")
     result = {
         "ckpt": args.ckpt,
         "arch": args.arch,
@@ -374,7 +381,7 @@ def main(argv=None):
         "img_size": args.img_size,
         "features": features.name,
         "feature_dim": features.embed_dim,
-        **{name: getattr(args, name) for name in settings},
+        **{name: getattr(args, name) for name in RECORDED_SETTINGS},
     }
     result.update(common.knn_accuracy(train_f[:, features.final], train_l, test_f[:, features.final], test_l))
     if args.protocol == "features":
