@@ -3,13 +3,16 @@ processes and devices, data sets and loaders, augmentations, backbones, optimisa
 counting), checkpoints and logs, evaluation (the k-NN monitor). Nothing here knows which method is training."""
 
 import argparse
+import atexit
 import dataclasses
 import functools
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import random
+import signal
 import sys
 import time
 from types import SimpleNamespace
@@ -36,6 +39,7 @@ ARCHS = {"resnet18": 512, "resnet50": 2048, "vit_tiny": (192, 12, 3), "vit_small
 ARCHS["vit_base"] = (768, 12, 12)
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 STEM_CHOICES = ("auto", "cifar", "imagenet")
+OPTIMIZERS = ("lars", "sgd", "adamw")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -47,7 +51,8 @@ class UserError(Exception):
 
 
 def run(main):
-    """Run a script's main(); user errors end it with one line and exit code 2."""
+    """Run a script's main(); user errors end it with one line and exit code 2, a stop signal's checkpoint with one
+    line and EXIT_PREEMPTED."""
     try:
         main()
         if dist.is_available() and dist.is_initialized():  # a clean end under torchrun (NCCL warns without it)
@@ -57,17 +62,108 @@ def run(main):
         message = str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1] if "Original Traceback" in str(e) else e
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(e, file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        restore_signal_handlers()
+
+
+class Checked:
+    """An argparse type: `kind` parsed from the text, then `test`ed; otherwise argparse's usage and `error:` lines
+    name the flag, the value and what it must be."""
+
+    def __init__(self, kind, test, must_be):
+        self.kind, self.test, self.must_be = kind, test, must_be
+        self.__name__ = kind.__name__
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            value = None
+        if value is None or not self.test(value):
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: must be {self.must_be}")
+        return value
+
+
+def mlp_widths(allow_embed):
+    """Head widths written as 2048-2048-128: positive integers joined by '-' ('embed': the encoder's width)."""
+    words = ("embed",) if allow_embed else ()
+    example = "embed-128 or 2048-128" if allow_embed else "2048-128"
+    return Checked(str, lambda text: all(w.isdigit() and int(w) > 0 or w in words for w in text.split("-")), example)
+
+
+POSITIVE_INT = Checked(int, lambda v: v > 0, "an integer >= 1")
+COUNT = Checked(int, lambda v: 0 <= v, "an integer >= 0")
+SEED = Checked(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)")
+POSITIVE = Checked(float, lambda v: 0 < v < math.inf, "a number > 0")
+NON_NEGATIVE = Checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+FRACTION = Checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+BELOW_ONE = Checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+# The valid values of every numeric flag of the scripts, by destination; a test checks that none is missing.
+FLAG_RANGES = {
+    POSITIVE_INT: "img_size patch_size log_every epochs batch out_dim decoder_dim decoder_depth n_last_blocks",
+    COUNT: "workers subset knn_every ckpt_every negatives local_crops warmup_teacher_temp_epochs freeze_last_layer",
+    SEED: "seed",
+    POSITIVE: "width lr lars_eta temperature student_temp teacher_temp warmup_teacher_temp",
+    NON_NEGATIVE: "wd wd_end warmup_epochs budget_flops sim_coeff std_coeff cov_coeff clip_grad",
+    FRACTION: "ema center_momentum",
+    BELOW_ONE: "mask_ratio drop_path",
+}
+FLAG_RANGES = {dest: checked for checked, dests in FLAG_RANGES.items() for dest in dests.split()}
+SWITCHES = ("lars_clip", "zero_init_residual", "norm_last_layer", "bn_in_head", "norm_pix")  # 0 or 1
+
+
+def flag_choices():
+    """The allowed values of the enumerated flags, by destination."""
+    choices = {"dataset": list(NATIVE_SIZE), "arch": list(ARCHS), "amp": AMP_CHOICES, "stem": STEM_CHOICES}
+    choices.update(optimizer=OPTIMIZERS, aug=list(RECIPES), **{name: (0, 1) for name in SWITCHES})
+    return choices
+
+
+def with_checks(parser):
+    """The parser with every flag checked as it is parsed: enumerated flags get `choices` (where the script did not
+    narrow them itself), numeric flags their FLAG_RANGES type, --mlp its format. Bad values end in argparse's usage
+    and `error:` lines, exit code 2, before anything is read or written."""
+    choices = flag_choices()
+    for action in parser._actions:
+        if action.dest in choices and action.choices is None:
+            action.choices = choices[action.dest]
+        if action.dest in FLAG_RANGES:
+            action.type = FLAG_RANGES[action.dest]
+        if action.dest == "mlp":
+            action.type = mlp_widths(allow_embed="embed" in action.default)
+    return parser
+
+
+def parse_args(parser, argv=None):
+    """A training script's arguments: each flag checked (with_checks), then the combinations (check_args and the
+    training run's own), so that a run that cannot work stops before it reads or writes anything."""
+    args = check_args(with_checks(parser).parse_args(argv))
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch % processes:
+        raise UserError(
+            f"--batch {args.batch} is not divisible by the {processes} processes; pick a multiple of {processes}"
+        )
+    if not args.budget_flops and args.warmup_epochs > args.epochs:
+        raise UserError(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run's --epochs {args.epochs}")
+    if getattr(args, "negatives", 0) > 2 * args.batch - 2:
+        raise UserError(
+            f"--negatives {args.negatives} exceeds the {2 * args.batch - 2} other views of a --batch {args.batch}"
+        )
+    if hasattr(args, "mask_ratio") and int((args.img_size // args.patch_size) ** 2 * (1 - args.mask_ratio)) < 1:
+        raise UserError(f"--mask-ratio {args.mask_ratio} keeps no patch of {args.img_size} px in {args.patch_size} px")
+    if getattr(args, "decoder_dim", 16) % 16:
+        raise UserError(f"--decoder-dim {args.decoder_dim} must be a multiple of the decoder's 16 attention heads")
+    return args
 
 
 def check_args(args):
-    """Refuse unknown --dataset/--arch/--amp/--stem and widths or patches that cannot work. Returns a copy of args
-    with --img-size (the data set's native size) and --patch-size (16 from 160 px, 8 above 64, else 4) filled in."""
-    choices = {"dataset": NATIVE_SIZE, "arch": ARCHS, "amp": AMP_CHOICES, "stem": STEM_CHOICES}
-    for name, allowed in choices.items():
-        if getattr(args, name) not in allowed:
-            raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(allowed)}")
+    """Refuse widths or patches that cannot work. Returns a copy of args with --img-size (the data set's native
+    size) and --patch-size (16 from 160 px, 8 above 64, else 4) filled in."""
     img_size = args.img_size or NATIVE_SIZE[args.dataset]
     if args.patch_size:
         patch_size = args.patch_size
@@ -76,8 +172,8 @@ def check_args(args):
     else:
         patch_size = 8 if img_size > 64 else 4
     vit = args.arch.startswith("vit")
-    if args.width <= 0 or (vit and args.width != 1):
-        raise UserError(f"--width {args.width} must be positive, and 1 for a ViT (it scales ResNets)")
+    if vit and args.width != 1:
+        raise UserError(f"--width {args.width} must be 1 for a ViT (it scales ResNets)")
     if vit and img_size % patch_size:
         raise UserError(f"--img-size {img_size} is not a multiple of --patch-size {patch_size}")
     return argparse.Namespace(**{**vars(args), "img_size": img_size, "patch_size": patch_size})
@@ -381,29 +477,30 @@ class Augmented(Dataset):
         try:
             img, label = self.base[i]
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i)
+                torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i) % 2**64)
                 return self.transform(img), label
         finally:
             torch.set_num_threads(threads)
 
 
 class EpochSampler(Sampler):
-    """Shuffled indices for this process, reshuffled by (seed, epoch); yields (epoch, index) keys."""
+    """Shuffled indices for this process, reshuffled by (seed, epoch); yields (epoch, index) keys. An epoch resumed
+    from a checkpoint written within it skips the batches it already trained, without drawing them."""
 
     def __init__(self, n, seed, local_batch):
-        self.n, self.seed, self.epoch = n, seed, 0
+        self.n, self.seed, self.local_batch, self.epoch, self.skip = n, seed, local_batch, 0, 0
         self.per_rank = n // (world_size() * local_batch) * local_batch  # full batches only, equal on every rank
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch, self.skip = epoch, skip_batches * self.local_batch
 
     def __len__(self):
-        return self.per_rank
+        return self.per_rank - self.skip
 
     def __iter__(self):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         start = rank() * self.per_rank
-        return iter([(self.epoch, i) for i in order[start : start + self.per_rank]])
+        return iter([(self.epoch, i) for i in order[start + self.skip : start + self.per_rank]])
 
 
 def per_process_batch(args, env):
@@ -428,6 +525,7 @@ def train_loader(args, env, views):
         "num_workers": args.workers,
         "persistent_workers": args.workers > 0,
         "pin_memory": env.device.type == "cuda",
+        "worker_init_fn": loader_worker_signals,
     }
     own = torch.Generator().manual_seed(args.seed)  # worker seeds must not draw from the global RNG
     collate = views.collate_raw if args.gpu_aug else views.collate
@@ -1037,9 +1135,77 @@ def atomic_save(obj, path, save=torch.save):
     os.replace(tmp, path)
 
 
-def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone):
-    """checkpoint.pt (everything to resume, with every process's RNG state) and `backbone` as backbone.pt, both
-    written atomically."""
+EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL ("try again"): rerunning the same command resumes
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_signals = SimpleNamespace(received=[], previous={})
+# Set when a training process exits: its loader workers, which ignore stop signals until then, may end.
+_exiting = multiprocessing.RawValue("b", 0)
+atexit.register(setattr, _exiting, "value", 1)  # runs before multiprocessing's exit, which terminates the workers
+
+
+class Preempted(Exception):
+    """A stop signal's checkpoint is written; run() prints the message and exits with EXIT_PREEMPTED."""
+
+
+def loader_worker_signals(worker_id, exiting=_exiting):
+    """A loader worker's SIGTERM and SIGUSR1 handler: a cluster signals every process of a job, and the training
+    process, which finishes its step and checkpoints, still needs its workers; they end when it exits."""
+
+    def on_signal(signum, frame):
+        if exiting.value:
+            os._exit(0)
+
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, on_signal)
+
+
+def restore_signal_handlers():
+    for stop_signal, handler in _signals.previous.items():
+        signal.signal(stop_signal, handler)
+    _signals.previous.clear()
+
+
+class Preemption:
+    """When to checkpoint within an epoch: every --ckpt-every steps, and after a SIGTERM (what SLURM sends on
+    preemption or at the time limit, a grace period before SIGKILL) or SIGUSR1 (sbatch --signal=USR1@120), after
+    which the run finishes its step, checkpoints and exits with EXIT_PREEMPTED. Under torchrun the processes agree
+    at every step, with one all-reduce of a flag over a gloo group on the CPU that does not wait for the device,
+    so that all of them checkpoint after the same step."""
+
+    def __init__(self, args, env, steps_per_epoch, total_steps):
+        self.every, self.steps_per_epoch, self.total_steps = args.ckpt_every, steps_per_epoch, total_steps
+        self.path = os.path.join(args.out, "checkpoint.pt")
+        self.group = dist.new_group(backend="gloo") if env.world > 1 else None
+        _signals.received.clear()
+        for stop_signal in STOP_SIGNALS:
+            previous = signal.signal(stop_signal, lambda signum, frame: _signals.received.append(signum))
+            _signals.previous.setdefault(stop_signal, previous)
+
+    def signalled(self):
+        """The first stop signal any process received (0: none); a collective under torchrun."""
+        received = torch.tensor([_signals.received[0] if _signals.received else 0])
+        if self.group is not None:
+            dist.all_reduce(received, op=dist.ReduceOp.MAX, group=self.group)
+        return int(received)
+
+    def checkpoint_due(self, step):
+        """Whether to checkpoint after this step, within its epoch (an epoch's last step checkpoints anyway)."""
+        periodic = self.every and step % self.every == 0 and step % self.steps_per_epoch
+        return self.signalled() or bool(periodic)
+
+    def stop_if_signalled(self, step):
+        """After a checkpoint: raise Preempted if a stop signal came and the run has steps left."""
+        received = self.signalled()
+        if received and step < self.total_steps:
+            name = signal.Signals(received).name
+            raise Preempted(f"stopped by {name} after step {step}: {self.path} is written; the same command resumes")
+
+
+def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log):
+    """checkpoint.pt (everything to resume: the model, optimizer, GradScaler, every process's RNG state, the log's
+    unfinished interval and the run's arguments) and `backbone` as backbone.pt, both written atomically. `epoch` is
+    the epoch a resume starts in: the current one within an epoch (the resume skips the batches it trained), the
+    next one at its end."""
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if env.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(env.device)
@@ -1052,24 +1218,49 @@ def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone):
         "method": args.method,
         "arch": args.arch,
         "img_size": args.img_size,
-        "epoch": epoch,
+        "resume_epoch": epoch,
         "step": step,
         "rng": rngs,
+        "log": log.state(),
+        "args": vars(args),
     }
     state.update(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
     atomic_save(backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
 
 
+# What a resume may change: how the run is fed, watched and checkpointed, never what it trains.
+RESUMABLE_CHANGES = ("workers", "log_every", "knn_every", "ckpt_every", "compile", "out", "recon")
+
+
+class Resumed(NamedTuple):
+    epoch: int  # the epoch to continue in
+    step: int  # the global steps already trained
+    log: dict | None  # the log's unfinished interval (TrainLog.state), None for a new run
+
+
+def refuse_changed_run(path, saved, args):
+    """The arguments a resume may not change (everything but RESUMABLE_CHANGES) must equal the checkpoint's;
+    returns the changes it may make, as {flag: (saved, now)}."""
+    now = vars(args)
+    changed = {name: (saved[name], now[name]) for name in now if name in saved and saved[name] != now[name]}
+    refused = [f"--{name.replace('_', '-')} {old} (now {new})" for name, (old, new) in changed.items()]
+    refused = [text for text, name in zip(refused, changed) if name not in RESUMABLE_CHANGES]
+    if refused:
+        raise UserError(
+            f"{path} was trained with {', '.join(refused)}; a resume continues the same run, so use a new --out "
+            "for a changed one (extending a finished run too)"
+        )
+    return {name: values for name, values in changed.items() if name in RESUMABLE_CHANGES}
+
+
 def resume(args, env, net, optimizer, scaler):
-    """Load checkpoint.pt from --out if there is one (refusing another method's, arch's or image size's) into the
-    model, optimizer, GradScaler and RNGs. Returns (first epoch to train, global step): (0, 0) for a new run."""
+    """Load checkpoint.pt from --out if there is one into the model, optimizer, GradScaler and RNGs, refusing
+    another method's run and any change to what is trained (refuse_changed_run); the changes a resume may make
+    are printed and appended to resumes.jsonl. Returns Resumed: (0, 0, None) for a new run."""
     path = os.path.join(args.out, "checkpoint.pt")
-    for name in os.listdir(args.out) if env.main else []:  # half-written files of a killed run
-        if ".pt.tmp" in name:
-            os.remove(os.path.join(args.out, name))
     if not os.path.exists(path):
-        return 0, 0
+        return Resumed(0, 0, None)
     try:
         state = torch.load(path, map_location=env.device, weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
@@ -1078,6 +1269,10 @@ def resume(args, env, net, optimizer, scaler):
         if state.get(key) != want:
             found = f"{key} {state.get(key)!r} run, not {want!r}"
             raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
+    allowed = refuse_changed_run(path, state.get("args") or read_args(args.out), args)
+    for name in os.listdir(args.out) if env.main else []:  # half-written files of a killed run
+        if ".pt.tmp" in name:
+            os.remove(os.path.join(args.out, name))
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -1088,9 +1283,22 @@ def resume(args, env, net, optimizer, scaler):
         random.setstate(rng["python"])
         if "cuda" in rng and env.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), env.device)
+    epoch = state.get("resume_epoch", state.get("epoch", -1) + 1)  # checkpoints before --ckpt-every: epoch ends
     if env.main:
-        print(f"resumed from {path} at epoch {state['epoch'] + 1}")
-    return state["epoch"] + 1, state["step"]
+        changes = "".join(f"; --{name.replace('_', '-')} {old} -> {new}" for name, (old, new) in allowed.items())
+        print(f"resumed from {path} in epoch {epoch} at step {state['step']}{changes}")
+        with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
+            f.write(json.dumps({"step": state["step"], "epoch": epoch, "changed": allowed}) + "\n")
+    return Resumed(epoch, state["step"], state.get("log"))
+
+
+def read_args(out):
+    """The args.json in a run folder, {} without one."""
+    path = os.path.join(out, "args.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_args(args, env):
@@ -1124,20 +1332,32 @@ def truncate_log(path, step):
 
 class TrainLog:
     """log.jsonl on rank 0 and a tqdm bar per epoch, continued at `step`: the records a killed run logged after its
-    last checkpoint are dropped, so the log of a resumed run reads as the log of one uninterrupted run. Losses
-    accumulate on the device (add); the host reads them only when an interval is written (write_interval), so the
-    training loop has no per-step synchronisation. Each record carries the training wall time so far ("time",
-    seconds, summed over resumed runs); finish() writes summary.json."""
+    last checkpoint are dropped, and `saved` (the checkpoint's state()) continues the interval it was in, so the
+    log of a resumed run reads as the log of one uninterrupted run. Losses accumulate on the device (add); the host
+    reads them only when an interval is written (write_interval), so the training loop has no per-step
+    synchronisation. Each record carries the training wall time so far ("time", seconds, summed over resumed
+    runs); finish() writes summary.json."""
 
-    def __init__(self, args, env, flops_per_step, step):
+    def __init__(self, args, env, flops_per_step, step, saved=None):
         self.args, self.env, self.flops_per_step = args, env, flops_per_step
         self.bar, self.loss_sum, self.scalars, self.count = None, 0.0, {}, 0
         self.path = os.path.join(args.out, "log.jsonl")
         records = truncate_log(self.path, step) if env.main else []
         self.tick = time.perf_counter()
         self.elapsed = records[-1].get("time", 0.0) if records else 0.0  # training wall time at the last record
-        self.start = self.tick - self.elapsed
+        if saved is not None:
+            self.loss_sum, self.count, self.scalars = saved["loss_sum"], saved["count"], saved["scalars"]
+            self.tick, self.elapsed = self.tick - saved["interval_s"], saved["elapsed"]
+        self.start = time.perf_counter() - self.elapsed
         self.knn_top1 = next((r["knn_top1"] for r in reversed(records) if "knn_top1" in r), None)
+
+    def state(self):
+        """The unfinished interval (the losses summed on the device, their count, the last step's scalars, its
+        seconds so far) and the training wall time, for a checkpoint."""
+        now = time.perf_counter()
+        scalars = {name: torch.as_tensor(value).detach() for name, value in self.scalars.items()}
+        interval = {"loss_sum": self.loss_sum, "count": self.count, "scalars": scalars, "interval_s": now - self.tick}
+        return {**interval, "elapsed": now - self.start}
 
     def progress(self, loader, epoch):
         """The loader's batches with a progress bar (rank 0)."""
@@ -1211,7 +1431,8 @@ def extract_features(backbone, dataset, args, env, batch=256):
     ids = [i % n for i in range(rank() * per_rank, (rank() + 1) * per_rank)]
     shard = torch.utils.data.Subset(dataset, ids)
     own = torch.Generator()  # evaluation leaves the training RNG untouched
-    loader = DataLoader(shard, batch, num_workers=args.workers, pin_memory=env.device.type == "cuda", generator=own)
+    workers = {"num_workers": args.workers, "worker_init_fn": loader_worker_signals}
+    loader = DataLoader(shard, batch, pin_memory=env.device.type == "cuda", generator=own, **workers)
     amp, _ = autocast(args, env)
     was_training = backbone.training
     backbone.eval()

@@ -67,6 +67,9 @@ def get_args(argv=None):
     p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
     p.add_argument(
+        "--ckpt-every", type=int, default=0, help="also write the checkpoint every N steps (0: at epoch ends only)"
+    )
+    p.add_argument(
         "--budget-flops", type=float, default=0, help="train for this many FLOPs instead of --epochs (0: off)"
     )
     p.add_argument("--lars-eta", type=float, default=0.001, help="LARS trust coefficient (solo-learn's LARS: 0.02)")
@@ -108,7 +111,7 @@ def get_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=3.0, help="clip each parameter's gradient norm (0: off)")
     p.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the last layer is frozen")
     p.set_defaults(zero_init_residual=0)  # ResNets keep torchvision's init, as DINO's official code
-    return common.check_args(p.parse_args(argv))
+    return common.parse_args(p, argv)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,13 +208,15 @@ def main(argv=None):
     steps_per_epoch = len(loader)
     total_steps = common.training_steps(args, steps_per_epoch, flops)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    start_epoch, step = common.resume(args, env, net, optimizer, scaler)
+    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler)
     common.write_args(args, env)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    log = common.TrainLog(args, env, flops, step)
+    log = common.TrainLog(args, env, flops, step, saved_log)
+    preemption = common.Preemption(args, env, steps_per_epoch, total_steps)
     for epoch in range(start_epoch, epochs):
         model.train()
-        loader.sampler.set_epoch(epoch)  # the shuffle and every augmentation: functions of (seed, epoch, index)
+        # the shuffle and every augmentation: functions of (seed, epoch, index); a resumed epoch skips what it trained
+        loader.sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
         net.teacher_temp = teacher_temperature(args, epoch)  # METHOD:
         for views, _ in log.progress(loader, epoch):
             lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr, 1e-6)  # METHOD: min lr 1e-6
@@ -242,9 +247,13 @@ def main(argv=None):
                 common.check_finite(mean_loss, step)
             if step == total_steps:  # the last step a --budget-flops run pays for
                 break
+            if preemption.checkpoint_due(step):  # every --ckpt-every steps, and after SIGTERM or SIGUSR1
+                common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log)
+                preemption.stop_if_signalled(step)
         knn = common.knn_monitor(backbone, args, env, epoch, epochs)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
-        common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone)
+        common.save_checkpoint(args, env, epoch + 1, step, net, optimizer, scaler, backbone, log)  # resume: next epoch
+        preemption.stop_if_signalled(step)
     log.finish(step)
 
 

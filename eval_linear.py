@@ -137,7 +137,7 @@ def get_args(argv=None):
     p.add_argument(
         "--out", default=None, help="JSON result file; default: eval.json beside the checkpoint, or eval_random.json"
     )
-    return p.parse_args(argv)
+    return common.with_checks(p).parse_args(argv)
 
 
 def resolve(args):
@@ -189,8 +189,6 @@ def protocol_defaults(args):
         raise common.UserError(f"--n-last-blocks and --avgpool read a ViT's blocks; --arch {args.arch} is a ResNet")
     if not 1 <= settings["n_last_blocks"] <= depth:
         raise common.UserError(f"--n-last-blocks {settings['n_last_blocks']} must be between 1 and {depth}")
-    if settings["epochs"] < 1 or settings["batch"] < 1 or settings["warmup_epochs"] < 0:
-        raise common.UserError("--epochs and --batch must be positive and --warmup-epochs not negative")
     return settings
 
 

@@ -161,7 +161,12 @@ def test_augmented_probe_trains_on_every_image_once_per_epoch_with_that_epochs_d
     assert sorted(drawn) == [(epoch, i) for epoch in range(3) for i in range(16)]
 
 
-def test_probe_settings_refuse_zero():
+def test_probe_settings_refuse_zero(capsys):
+    """An explicit 0 is refused as the flag is parsed (it once fell back to the default), a ViT's block count also
+    against the arch's depth."""
     for flag in ("--epochs", "--batch", "--n-last-blocks"):
-        with pytest.raises(common.UserError):
+        with pytest.raises(SystemExit):
             resolved("random", "--arch", "vit_tiny", flag, 0)
+        assert f"argument {flag}: invalid value '0'" in capsys.readouterr().err
+    with pytest.raises(common.UserError, match="--n-last-blocks 13 must be between 1 and 12"):
+        resolved("random", "--arch", "vit_tiny", "--n-last-blocks", 13)

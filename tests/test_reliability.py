@@ -2,16 +2,19 @@
 GradScaler across a resume, a batch that does not split. Kill safety and exact resume are in test_scripts.py."""
 
 import hashlib
+import importlib
+import json
 import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import METHODS, ROOT, TINY, merge_flags, run_script
 from PIL import Image
 
 import common
+import simclr
 
 
 def snapshot(folder):
@@ -91,24 +94,205 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(train
 # ----------------------------------------------------------------------------------------------------------
 # Bad input: one line naming the problem and the fix, a non-zero exit, nothing overwritten
 
-BAD_FLAGS = {
-    "missing data path": (["--dataset", "folder", "--data", "/no/such/folder"], "is not a folder"),
-    "unknown arch": (["--arch", "resnet19"], "unknown --arch 'resnet19'; choose from"),
-    "unknown dataset": (["--dataset", "imagenet21k"], "unknown --dataset 'imagenet21k'; choose from"),
-    "unknown amp": (["--amp", "fp8"], "unknown --amp 'fp8'; choose from"),
-    "unknown aug": (["--aug", "autoaugment"], "unknown augmentation recipe 'autoaugment'; choose from"),
-}
+
+def run_main(script, argv, capsys):
+    """A script's main() in this process as its command line runs it (through common.run); returns (exit code,
+    stderr). A traceback would fail the test as an exception."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as stopped:
+        common.run(lambda: module.main([str(word) for word in argv]))
+    return stopped.value.code, capsys.readouterr().err
+
+
+def fake_run(folder):
+    """A folder holding what a run writes, to see that a refused command leaves every byte of it."""
+    folder.mkdir()
+    for name in ("args.json", "log.jsonl", "summary.json"):
+        (folder / name).write_text(f"{name} of an earlier run\n")
+    return folder
+
+
+# (script, flags, what the one error line says): argparse's own line names the flag and the value; the
+# project's names the combination. Every case exits 2 and writes nothing.
+BAD_VALUES = [
+    ("simclr.py", ["--batch", 0], "argument --batch: invalid value '0': must be an integer >= 1"),
+    ("simclr.py", ["--workers", -1], "argument --workers: invalid value '-1': must be an integer >= 0"),
+    ("simclr.py", ["--epochs", -3], "argument --epochs: invalid value '-3'"),
+    ("simclr.py", ["--lr", -1], "argument --lr: invalid value '-1': must be a number > 0"),
+    ("simclr.py", ["--lr", "nan"], "argument --lr: invalid value 'nan'"),
+    ("simclr.py", ["--wd", "inf"], "argument --wd: invalid value 'inf': must be a number >= 0"),
+    ("simclr.py", ["--temperature", 0], "argument --temperature: invalid value '0'"),
+    ("simclr.py", ["--mlp", "abc"], "argument --mlp: invalid value 'abc': must be embed-128 or 2048-128"),
+    ("simclr.py", ["--mlp", "2048-0"], "argument --mlp: invalid value '2048-0'"),
+    ("simclr.py", ["--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam'"),
+    ("simclr.py", ["--aug", "autoaugment"], "argument --aug: invalid choice: 'autoaugment'"),
+    ("simclr.py", ["--arch", "resnet19"], "argument --arch: invalid choice: 'resnet19'"),
+    ("simclr.py", ["--dataset", "imagenet21k"], "argument --dataset: invalid choice: 'imagenet21k'"),
+    ("simclr.py", ["--amp", "fp8"], "argument --amp: invalid choice: 'fp8'"),
+    ("simclr.py", ["--stem", "tiny"], "argument --stem: invalid choice: 'tiny'"),
+    ("simclr.py", ["--seed", -1], "argument --seed: invalid value '-1'"),
+    ("simclr.py", ["--subset", -5], "argument --subset: invalid value '-5'"),
+    ("simclr.py", ["--img-size", 0], "argument --img-size: invalid value '0'"),
+    ("simclr.py", ["--width", 0], "argument --width: invalid value '0'"),
+    ("simclr.py", ["--budget-flops", -1], "argument --budget-flops: invalid value '-1'"),
+    ("simclr.py", ["--lars-clip", 2], "argument --lars-clip: invalid choice: 2"),
+    ("simclr.py", ["--ckpt-every", -1], "argument --ckpt-every: invalid value '-1'"),
+    ("simclr.py", ["--log-every", 0], "argument --log-every: invalid value '0'"),
+    ("simclr.py", ["--negatives", 100], "--negatives 100 exceeds the 62 other views of a --batch 32"),
+    ("simclr.py", ["--warmup-epochs", 5, "--epochs", 2], "--warmup-epochs 5 is longer than the run's --epochs 2"),
+    ("simclr.py", ["--arch", "vit_tiny", "--patch-size", 5], "--img-size 32 is not a multiple of --patch-size 5"),
+    ("simclr.py", ["--arch", "vit_tiny", "--width", 2], "--width 2.0 must be 1 for a ViT"),
+    ("byol.py", ["--ema", 1.5], "argument --ema: invalid value '1.5': must be a number in [0, 1]"),
+    ("byol.py", ["--mlp", "embed-256"], "argument --mlp: invalid value 'embed-256': must be 2048-128"),
+    ("vicreg.py", ["--std-coeff", -1], "argument --std-coeff: invalid value '-1'"),
+    ("vicreg.py", ["--variant", "barlow"], "argument --variant: invalid choice: 'barlow'"),
+    ("dino.py", ["--teacher-temp", 0], "argument --teacher-temp: invalid value '0'"),
+    ("dino.py", ["--center-momentum", 2], "argument --center-momentum: invalid value '2'"),
+    ("dino.py", ["--local-crops", -1], "argument --local-crops: invalid value '-1'"),
+    ("dino.py", ["--norm-last-layer", 2], "argument --norm-last-layer: invalid choice: 2"),
+    ("dino.py", ["--drop-path", 1], "argument --drop-path: invalid value '1': must be a number in [0, 1)"),
+    ("dino.py", ["--freeze-last-layer", -1], "argument --freeze-last-layer: invalid value '-1'"),
+    ("mae.py", ["--mask-ratio", 1], "argument --mask-ratio: invalid value '1': must be a number in [0, 1)"),
+    ("mae.py", ["--mask-ratio", 0.99], "--mask-ratio 0.99 keeps no patch of 32 px in 8 px"),
+    ("mae.py", ["--decoder-dim", 20], "--decoder-dim 20 must be a multiple of the decoder's 16 attention heads"),
+    ("mae.py", ["--arch", "resnet18"], "argument --arch: invalid choice: 'resnet18'"),
+    ("mae.py", ["--norm-pix", 3], "argument --norm-pix: invalid choice: 3"),
+    ("eval_linear.py", ["--epochs", 0], "argument --epochs: invalid value '0'"),
+    ("eval_linear.py", ["--batch", -1], "argument --batch: invalid value '-1'"),
+    ("eval_linear.py", ["--lr", 0], "argument --lr: invalid value '0'"),
+    ("eval_linear.py", ["--protocol", "finetune"], "argument --protocol: invalid choice: 'finetune'"),
+    ("eval_linear.py", ["--workers", -2], "argument --workers: invalid value '-2'"),
+    ("eval_linear.py", ["--arch", "resnet19"], "argument --arch: invalid choice: 'resnet19'"),
+    ("eval_linear.py", ["--warmup-epochs", -1], "argument --warmup-epochs: invalid value '-1'"),
+]
+
+
+@pytest.mark.parametrize("script,flags,message", BAD_VALUES, ids=[f"{s} {f[0]} {f[1]}" for s, f, _ in BAD_VALUES])
+def test_bad_values_exit_2_with_one_error_line_and_write_nothing(script, flags, message, tmp_path, capsys):
+    out = fake_run(tmp_path / "run")
+    before = snapshot(out)
+    if script == "eval_linear.py":
+        argv = ["--ckpt", "random", *flags, "--workers", 0, "--out", out / "eval.json"]
+    else:
+        argv = merge_flags(TINY, ["--arch", "vit_tiny", "--patch-size", 8] if script == "mae.py" else [], flags)
+        argv += ["--out", out]
+    code, stderr = run_main(script, argv, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error: " in line]
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert snapshot(out) == before
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused_before_the_process_group(
+    monkeypatch, tmp_path, capsys
+):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: the check needs no process group
+    code, stderr = run_main("simclr.py", [*TINY, "--batch", 33, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "error: --batch 33 is not divisible by the 2 processes; pick a multiple of 2" in stderr
+    assert not (tmp_path / "run").exists()
+
+
+class Parser(Exception):
+    pass
+
+
+def parser_of(script, monkeypatch):
+    """The script's argument parser after common.with_checks, caught as it is about to parse."""
+    real = common.with_checks
+
+    def catch(parser):
+        raise Parser(real(parser))
+
+    monkeypatch.setattr(common, "with_checks", catch)
+    with pytest.raises(Parser) as caught:
+        importlib.import_module(script.removesuffix(".py")).get_args(["--ckpt", "random"] if "eval" in script else [])
+    return caught.value.args[0]
+
+
+@pytest.mark.parametrize("script", [f"{m}.py" for m in METHODS] + ["eval_linear.py"])
+def test_every_flag_has_a_checked_type_or_choices_and_its_default_passes(script, monkeypatch):
+    """A new numeric flag without a range in common.FLAG_RANGES, or an enumerated one without choices, fails here."""
+    free_text = {"help", "data", "out", "ckpt"}  # paths
+    for action in parser_of(script, monkeypatch)._actions:
+        if action.dest in free_text or action.nargs == 0:  # paths, --help and on/off switches
+            continue
+        assert isinstance(action.type, common.Checked) or action.choices, f"{script} --{action.dest} is unchecked"
+        if action.default is not None:
+            assert action.choices is None or action.default in action.choices, action.dest
+            assert not isinstance(action.type, common.Checked) or action.type.test(action.default), action.dest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", BAD_FLAGS)
-def test_bad_flags(case, trained, tmp_path):
+@pytest.mark.parametrize(
+    "flags,message",
+    [(["--mlp", "abc"], "argument --mlp: invalid value 'abc'"),
+     (["--dataset", "folder", "--data", "/no/such/folder"], "--data '/no/such/folder' is not a folder")],
+    ids=["bad value", "missing data path"],
+)  # fmt: skip
+def test_bad_input_in_a_real_process(flags, message, trained, tmp_path):
+    """As a user meets it: a process of its own, its exit code, its stderr, the run folder it was pointed at."""
     out = tmp_path / "run"
     shutil.copytree(trained, out)
     before = snapshot(out)
-    flags, message = BAD_FLAGS[case]
-    assert_one_line_error(run_script("simclr.py", *TINY, *flags, "--out", out, check=False), message)
+    proc = run_script("simclr.py", *TINY, *flags, "--out", out, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and message in proc.stderr.splitlines()[-1]
     assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A resume continues the same run: what is trained may not change, how it is fed and watched may
+
+
+CHANGES = {
+    "batch": (["--batch", 16], "--batch 32 (now 16)"),
+    "lr": (["--lr", 5], "--lr 0.001 (now 5.0)"),
+    "epochs": (["--epochs", 2], "--epochs 1 (now 2)"),
+    "seed": (["--seed", 3], "--seed 0 (now 3)"),
+    "aug": (["--aug", "byol"], "--aug simclr (now byol)"),
+    "method flag": (["--temperature", 0.5], "--temperature 0.1 (now 0.5)"),
+    "data": (["--subset", 64], "--subset 128 (now 64)"),
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_resume_refuses_a_changed_run_naming_each_flag(change, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    before = snapshot(out)
+    flags, named = CHANGES[change]
+    code, stderr = run_main(
+        "simclr.py", merge_flags(TINY, ["--epochs", 1, "--knn-every", 0], flags, ["--out", out]), capsys
+    )
+    assert code == 2 and stderr.count("error: ") == 1 and "Traceback" not in stderr
+    assert named in stderr and "use a new --out" in stderr
+    assert snapshot(out) == before
+
+
+def test_a_resume_names_every_changed_flag_in_one_line(trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    flags = merge_flags(TINY, ["--epochs", 2, "--knn-every", 0, "--batch", 16, "--lr", 5, "--workers", 1])
+    code, stderr = run_main("simclr.py", [*flags, "--out", out], capsys)
+    line = stderr.strip().splitlines()[-1]
+    assert code == 2 and "--epochs 1 (now 2), --batch 32 (now 16), --lr 0.001 (now 5.0);" in line
+    assert "--workers" not in line  # allowed, so not among the refused
+
+
+def test_a_resume_allows_and_records_what_does_not_change_the_result(trained, tmp_path, capsys):
+    """--workers, --log-every, --knn-every and --ckpt-every change how the run is fed and watched: allowed, printed
+    and kept in resumes.jsonl; the finished run trains no more."""
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    log = (out / "log.jsonl").read_text()
+    flags = merge_flags(TINY, ["--epochs", 1, "--knn-every", 0, "--workers", 1, "--log-every", 3, "--ckpt-every", 2])
+    common.run(lambda: simclr.main([*map(str, flags), "--out", str(out)]))
+    stdout = capsys.readouterr().out
+    assert "--workers 0 -> 1" in stdout and "--log-every 2 -> 3" in stdout and "--ckpt-every 0 -> 2" in stdout
+    record = json.loads((out / "resumes.jsonl").read_text())
+    assert record["changed"].pop("out") == [str(trained), str(out)]  # the folder was copied: a move is recorded too
+    assert record == {"step": 4, "epoch": 1, "changed": {"workers": [0, 1], "log_every": [2, 3], "ckpt_every": [0, 2]}}
+    assert (out / "log.jsonl").read_text() == log
+    assert json.loads((out / "args.json").read_text())["workers"] == 1
 
 
 @pytest.mark.slow
