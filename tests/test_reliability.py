@@ -382,3 +382,68 @@ def test_corrupt_image_is_named(workers, tmp_path):
     # 49 images in batches of 7: every image is read in epoch 0
     assert_one_line_error(proc, f"cannot read image {bad}", "remove or replace it")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data folders as users have them: each trains correctly or ends in one clear line
+
+FOLDER = [*TINY, "--dataset", "folder", "--subset", 0, "--epochs", 1, "--knn-every", 1, "--batch", 8]
+
+
+def test_a_folder_with_an_empty_class_stray_files_and_tiny_images_trains(tmp_path, capsys):
+    data = image_folder(tmp_path / "data", n_per_class=8)
+    (data / "train" / "bird").mkdir()  # a class folder with no images: a label without images
+    for stray in (".DS_Store", "labels.csv", "README.txt"):
+        (data / "train" / stray).write_text("not an image")
+    (data / "train" / "cat" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(data / "train" / "dog" / "small.png")  # smaller than the 32 px crop
+    ds = common.ImageFiles(str(data / "train"))
+    assert ds.classes == ["bird", "cat", "dog"] and len(ds) == 17
+    images = {f"{i:03d}.{'jpg' if i % 7 in (1, 5) else 'png'}" for i in range(8)} | {"small.png"}  # as image_folder
+    assert {os.path.basename(path) for path, _ in ds.samples} == images
+    assert ds[16][0].shape == (3, 6, 8)
+    common.run(lambda: simclr.main([str(word) for word in [*FOLDER, "--data", data, "--out", tmp_path / "run"]]))
+    log = common.read_log(tmp_path / "run" / "log.jsonl")
+    assert [r["step"] for r in log if "loss" in r] == [2] and "knn_top1" in log[-1]  # 17 images: 2 batches of 8
+    assert "k-NN top-1" in capsys.readouterr().out
+
+
+def test_an_unlabelled_folder_trains_with_the_knn_monitor_skipped(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+            tmp_path / "data" / "train" / f"{i}.jpg"
+        )
+    common.run(
+        lambda: simclr.main([str(word) for word in [*FOLDER, "--data", tmp_path / "data", "--out", tmp_path / "run"]])
+    )
+    assert "k-NN monitor skipped: the data set has no labelled train/ and val/" in capsys.readouterr().out
+    assert (tmp_path / "run" / "backbone.pt").exists()
+
+
+def test_one_image_and_batch_2_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "data" / "train" / "cat").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "data" / "train" / "cat" / "only.png")
+    argv = merge_flags(FOLDER, ["--batch", 2, "--data", tmp_path / "data", "--out", tmp_path / "run"])
+    code, stderr = run_main("simclr.py", argv, capsys)
+    assert code == 2 and stderr.strip() == "error: 1 training images do not make one batch of 2; lower --batch"
+
+
+def test_an_image_without_read_permission_is_named(tmp_path, capsys, monkeypatch):
+    data = image_folder(tmp_path / "data", n_per_class=4)
+    locked = data / "train" / "cat" / "000.png"
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads any file: PIL then meets the error a user's process would
+        real_open = Image.open
+
+        def refuse(path, *args, **kwargs):
+            if str(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(locked))
+            return real_open(path, *args, **kwargs)
+
+        monkeypatch.setattr(Image, "open", refuse)
+    code, stderr = run_main("simclr.py", [*FOLDER, "--data", data, "--out", tmp_path / "run"], capsys)
+    last = stderr.strip().split("\r")[-1]  # after the progress bar
+    assert code == 2 and last.startswith(f"error: cannot read image {locked} (") and "Traceback" not in stderr
+    assert "Permission denied" in last and last.endswith("remove or replace it")
