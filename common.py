@@ -63,7 +63,8 @@ def run(main):
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except Preempted as e:
-        print(e, file=sys.stderr)
+        if rank() == 0:
+            print(e, file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -257,6 +258,8 @@ def init(args, out_dir=None):
             raise UserError(f"--out {out_dir!r} is not writable; choose a writable folder")
     if env.main:
         print(f"{env.world} process(es) on {env.device}")
+        if getattr(args, "gpu_aug", False) and not cuda:
+            print("--gpu-aug without a GPU: the crops, colour and blur run in the training process, on the CPU")
     return env
 
 
@@ -504,11 +507,7 @@ class EpochSampler(Sampler):
 
 
 def per_process_batch(args, env):
-    """This process's share of the global --batch, which must split evenly over the processes."""
-    if args.batch % env.world:
-        raise UserError(
-            f"--batch {args.batch} is not divisible by the {env.world} processes; pick a multiple of {env.world}"
-        )
+    """This process's share of the global --batch (parse_args refused a batch that does not split evenly)."""
     return args.batch // env.world
 
 

@@ -150,7 +150,7 @@ def test_gpu_aug_trains_like_the_worker_path(tmp_path):
     losses = {}
     for flag in ["", "--gpu-aug"]:
         out = tmp_path / (flag or "workers")
-        run_script(
+        proc = run_script(
             "simclr.py",
             *TINY,
             "--epochs",
@@ -164,6 +164,9 @@ def test_gpu_aug_trains_like_the_worker_path(tmp_path):
             *([flag] if flag else []),
         )
         losses[flag] = [r["loss"] for r in common.read_log(out / "log.jsonl") if "loss" in r]
+        assert ("--gpu-aug without a GPU: the crops, colour and blur run in the training process" in proc.stdout) == (
+            flag == "--gpu-aug"
+        )  # works on a CPU, and says where the work went
     assert len(losses[""]) == 1 and abs(losses[""][0] - losses["--gpu-aug"][0]) < 0.03 * losses[""][0]
 
 
