@@ -1190,7 +1190,7 @@ class Preemption:
     def checkpoint_due(self, step):
         """Whether to checkpoint after this step, within its epoch (an epoch's last step checkpoints anyway)."""
         periodic = self.every and step % self.every == 0 and step % self.steps_per_epoch
-        return self.signalled() or bool(periodic)
+        return bool(self.signalled() or periodic)
 
     def stop_if_signalled(self, step):
         """After a checkpoint: raise Preempted if a stop signal came and the run has steps left."""

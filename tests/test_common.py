@@ -1,6 +1,8 @@
 """common.py against independent references: LARS by hand, schedules by formula, gather across processes."""
 
 import math
+import os
+import signal
 from types import SimpleNamespace
 
 import numpy as np
@@ -279,3 +281,43 @@ def test_width_multiplier_scales_every_resnet_layer():
     with pytest.raises(common.UserError, match="--width"):
         common.check_args(SimpleNamespace(dataset="synthetic", arch="vit_tiny", width=0.5, amp="off", stem="auto",
                                           img_size=32, patch_size=4))  # fmt: skip
+
+
+def _stop_after_a_signal_to_rank_1(rank, world):
+    stop = common.Preemption(
+        SimpleNamespace(ckpt_every=0, out="run"), common.Env(torch.device("cpu"), world, rank), 4, 8
+    )
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    due = stop.checkpoint_due(1)
+    try:
+        stop.stop_if_signalled(1)
+    except common.Preempted as e:
+        return due, str(e)
+    finally:
+        common.restore_signal_handlers()
+    return due, None
+
+
+def test_the_processes_agree_on_a_stop_signal_one_of_them_received():
+    """Under torchrun a signal may reach one process only: all of them must checkpoint after the same step."""
+    expected = (
+        True,
+        f"stopped by SIGUSR1 after step 1: {os.path.join('run', 'checkpoint.pt')} is written; the same command resumes",
+    )
+    assert spawn(_stop_after_a_signal_to_rank_1, 2) == [expected, expected]
+
+
+def test_checkpoints_within_an_epoch_every_n_steps_and_after_a_stop_signal():
+    stop = common.Preemption(SimpleNamespace(ckpt_every=3, out="run"), common.Env(torch.device("cpu")), 4, 12)
+    try:
+        assert [step for step in range(1, 13) if stop.checkpoint_due(step)] == [3, 6, 9]  # 12 ends an epoch
+        stop.stop_if_signalled(5)  # no signal yet: nothing happens
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert all(stop.checkpoint_due(step) for step in (1, 2, 4))
+        with pytest.raises(common.Preempted, match="stopped by SIGTERM after step 7: "):
+            stop.stop_if_signalled(7)
+        stop.stop_if_signalled(12)  # the last step: the run ends normally
+    finally:
+        common.restore_signal_handlers()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
