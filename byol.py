@@ -152,7 +152,7 @@ def main(argv=None):
     steps_per_epoch = len(loader)
     total_steps = common.training_steps(args, steps_per_epoch, flops)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler)
+    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler, steps_per_epoch)
     common.write_args(args, env)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     log = common.TrainLog(args, env, flops, step, saved_log)
@@ -183,11 +183,12 @@ def main(argv=None):
             if step == total_steps:  # the last step a --budget-flops run pays for
                 break
             if preemption.checkpoint_due(step):  # every --ckpt-every steps, and after SIGTERM or SIGUSR1
-                common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log)
+                common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch)
                 preemption.stop_if_signalled(step)
         knn = common.knn_monitor(backbone, args, env, epoch, epochs)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
-        common.save_checkpoint(args, env, epoch + 1, step, net, optimizer, scaler, backbone, log)  # resume: next epoch
+        # a resume starts the next epoch
+        common.save_checkpoint(args, env, epoch + 1, step, net, optimizer, scaler, backbone, log, steps_per_epoch)
         preemption.stop_if_signalled(step)
     log.finish(step)
 

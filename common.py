@@ -65,6 +65,8 @@ def run(main):
     except Preempted as e:
         if rank() == 0:
             print(e, file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():  # every process stopped after the same step
+            dist.destroy_process_group()
         sys.exit(EXIT_PREEMPTED)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -104,8 +106,8 @@ POSITIVE = Checked(float, lambda v: 0 < v < math.inf, "a number > 0")
 NON_NEGATIVE = Checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 FRACTION = Checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 BELOW_ONE = Checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
-# The valid values of every numeric flag of the scripts, by destination; a test checks that none is missing.
-FLAG_RANGES = {
+# The valid values of every numeric flag of the scripts; a test checks that none is missing.
+RANGE_FLAGS = {
     POSITIVE_INT: "img_size patch_size log_every epochs batch out_dim decoder_dim decoder_depth n_last_blocks",
     COUNT: "workers subset knn_every ckpt_every negatives local_crops warmup_teacher_temp_epochs freeze_last_layer",
     SEED: "seed",
@@ -114,7 +116,7 @@ FLAG_RANGES = {
     FRACTION: "ema center_momentum",
     BELOW_ONE: "mask_ratio drop_path",
 }
-FLAG_RANGES = {dest: checked for checked, dests in FLAG_RANGES.items() for dest in dests.split()}
+FLAG_RANGES = {dest: checked for checked, dests in RANGE_FLAGS.items() for dest in dests.split()}  # by destination
 SWITCHES = ("lars_clip", "zero_init_residual", "norm_last_layer", "bn_in_head", "norm_pix")  # 0 or 1
 
 
@@ -136,7 +138,7 @@ def with_checks(parser):
         if action.dest in FLAG_RANGES:
             action.type = FLAG_RANGES[action.dest]
         if action.dest == "mlp":
-            action.type = mlp_widths(allow_embed="embed" in action.default)
+            action.type = mlp_widths(allow_embed="embed" in (action.default or ""))
     return parser
 
 
@@ -149,8 +151,6 @@ def parse_args(parser, argv=None):
         raise UserError(
             f"--batch {args.batch} is not divisible by the {processes} processes; pick a multiple of {processes}"
         )
-    if not args.budget_flops and args.warmup_epochs > args.epochs:
-        raise UserError(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run's --epochs {args.epochs}")
     if getattr(args, "negatives", 0) > 2 * args.batch - 2:
         raise UserError(
             f"--negatives {args.negatives} exceeds the {2 * args.batch - 2} other views of a --batch {args.batch}"
@@ -163,8 +163,13 @@ def parse_args(parser, argv=None):
 
 
 def check_args(args):
-    """Refuse widths or patches that cannot work. Returns a copy of args with --img-size (the data set's native
-    size) and --patch-size (16 from 160 px, 8 above 64, else 4) filled in."""
+    """Refuse unknown --dataset/--arch/--amp/--stem (eval_linear.py fills them from a run's args.json, past argparse)
+    and widths or patches that cannot work. Returns a copy of args with --img-size (the data set's native size) and
+    --patch-size (16 from 160 px, 8 above 64, else 4) filled in."""
+    choices = flag_choices()
+    for name in ("dataset", "arch", "amp", "stem"):
+        if getattr(args, name) not in choices[name]:
+            raise UserError(f"unknown --{name} {getattr(args, name)!r}; choose from {', '.join(choices[name])}")
     img_size = args.img_size or NATIVE_SIZE[args.dataset]
     if args.patch_size:
         patch_size = args.patch_size
@@ -524,7 +529,7 @@ def train_loader(args, env, views):
         "num_workers": args.workers,
         "persistent_workers": args.workers > 0,
         "pin_memory": env.device.type == "cuda",
-        "worker_init_fn": loader_worker_signals,
+        "worker_init_fn": loader_worker_init,
     }
     own = torch.Generator().manual_seed(args.seed)  # worker seeds must not draw from the global RNG
     collate = views.collate_raw if args.gpu_aug else views.collate
@@ -1146,9 +1151,9 @@ class Preempted(Exception):
     """A stop signal's checkpoint is written; run() prints the message and exits with EXIT_PREEMPTED."""
 
 
-def loader_worker_signals(worker_id, exiting=_exiting):
+def loader_worker_signals(worker_id, exiting):
     """A loader worker's SIGTERM and SIGUSR1 handler: a cluster signals every process of a job, and the training
-    process, which finishes its step and checkpoints, still needs its workers; they end when it exits."""
+    process, which finishes its step and checkpoints, still needs its workers; they end once `exiting` is set."""
 
     def on_signal(signum, frame):
         if exiting.value:
@@ -1156,6 +1161,10 @@ def loader_worker_signals(worker_id, exiting=_exiting):
 
     for stop_signal in STOP_SIGNALS:
         signal.signal(stop_signal, on_signal)
+
+
+# Passed along, so that spawned workers (macOS, Python 3.14's forkserver) read this process's flag, not their own.
+loader_worker_init = functools.partial(loader_worker_signals, exiting=_exiting)
 
 
 def restore_signal_handlers():
@@ -1167,9 +1176,10 @@ def restore_signal_handlers():
 class Preemption:
     """When to checkpoint within an epoch: every --ckpt-every steps, and after a SIGTERM (what SLURM sends on
     preemption or at the time limit, a grace period before SIGKILL) or SIGUSR1 (sbatch --signal=USR1@120), after
-    which the run finishes its step, checkpoints and exits with EXIT_PREEMPTED. Under torchrun the processes agree
-    at every step, with one all-reduce of a flag over a gloo group on the CPU that does not wait for the device,
-    so that all of them checkpoint after the same step."""
+    which the run finishes its step, checkpoints and exits with EXIT_PREEMPTED. The handlers are installed here
+    (a signal before, while the data and model are built, ends the process at once) and removed by run(). Under
+    torchrun the processes agree at every step, with one all-reduce of a flag over a gloo group, on the CPU: it
+    waits for the other processes, never for the device, so that all of them checkpoint after the same step."""
 
     def __init__(self, args, env, steps_per_epoch, total_steps):
         self.every, self.steps_per_epoch, self.total_steps = args.ckpt_every, steps_per_epoch, total_steps
@@ -1200,17 +1210,21 @@ class Preemption:
             raise Preempted(f"stopped by {name} after step {step}: {self.path} is written; the same command resumes")
 
 
-def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log):
-    """checkpoint.pt (everything to resume: the model, optimizer, GradScaler, every process's RNG state, the log's
-    unfinished interval and the run's arguments) and `backbone` as backbone.pt, both written atomically. `epoch` is
-    the epoch a resume starts in: the current one within an epoch (the resume skips the batches it trained), the
-    next one at its end."""
+def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch):
+    """checkpoint.pt (everything to resume: the model, optimizer, GradScaler, every process's RNG state and log
+    interval, the run's arguments, steps per epoch and process count) and `backbone` as backbone.pt, both written
+    atomically. `epoch` is the epoch a resume starts in: the current one within an epoch (the resume skips the
+    batches it trained), the next one at its end. A non-finite loss since the last logged interval stops the run
+    here, keeping the last good checkpoint."""
+    if log.count:  # within an interval: its losses were not checked yet (one host sync per checkpoint)
+        check_finite(float(log.loss_sum) / log.count, step)
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if env.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(env.device)
-    rngs = [rng] * env.world
+    local = {"rng": rng, "log": log.state()}
+    processes = [local] * env.world
     if env.world > 1:
-        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(processes, local)
     if not env.main:
         return
     state = {
@@ -1219,8 +1233,10 @@ def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, lo
         "img_size": args.img_size,
         "resume_epoch": epoch,
         "step": step,
-        "rng": rngs,
-        "log": log.state(),
+        "steps_per_epoch": steps_per_epoch,
+        "world": env.world,
+        "rng": [process["rng"] for process in processes],
+        "log": [process["log"] for process in processes],
         "args": vars(args),
     }
     state.update(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
@@ -1235,7 +1251,7 @@ RESUMABLE_CHANGES = ("workers", "log_every", "knn_every", "ckpt_every", "compile
 class Resumed(NamedTuple):
     epoch: int  # the epoch to continue in
     step: int  # the global steps already trained
-    log: dict | None  # the log's unfinished interval (TrainLog.state), None for a new run
+    log: dict | None  # this process's unfinished log interval (TrainLog.state), None for a new run
 
 
 def refuse_changed_run(path, saved, args):
@@ -1243,8 +1259,8 @@ def refuse_changed_run(path, saved, args):
     returns the changes it may make, as {flag: (saved, now)}."""
     now = vars(args)
     changed = {name: (saved[name], now[name]) for name in now if name in saved and saved[name] != now[name]}
-    refused = [f"--{name.replace('_', '-')} {old} (now {new})" for name, (old, new) in changed.items()]
-    refused = [text for text, name in zip(refused, changed) if name not in RESUMABLE_CHANGES]
+    refused = [f"--{name.replace('_', '-')} {old} (now {new})" for name, (old, new) in changed.items()
+               if name not in RESUMABLE_CHANGES]  # fmt: skip
     if refused:
         raise UserError(
             f"{path} was trained with {', '.join(refused)}; a resume continues the same run, so use a new --out "
@@ -1253,12 +1269,38 @@ def refuse_changed_run(path, saved, args):
     return {name: values for name, values in changed.items() if name in RESUMABLE_CHANGES}
 
 
-def resume(args, env, net, optimizer, scaler):
+def refuse_changed_data(path, state, step, env, steps_per_epoch):
+    """A resume must see the training set the checkpoint saw (its steps per epoch), and within an epoch the same
+    process count: each process's share of an epoch's shuffled order depends on it."""
+    saved = state.get("steps_per_epoch", steps_per_epoch)
+    if saved != steps_per_epoch:
+        raise UserError(
+            f"{path} was trained at {saved} steps an epoch, the training set now gives {steps_per_epoch}: it changed; "
+            "use a new --out for a changed run"
+        )
+    within = 0 < step - state["resume_epoch"] * steps_per_epoch < steps_per_epoch
+    if within and state.get("world", env.world) != env.world:
+        raise UserError(
+            f"{path} was written within epoch {state['resume_epoch']} by {state['world']} processes: resume it on "
+            f"{state['world']} (the epoch's data are split by process count), or from an epoch end"
+        )
+
+
+def remove_half_written(out, env):
+    """The temporary files of a save that a kill interrupted (rank 0)."""
+    for name in os.listdir(out) if env.main else []:
+        if ".pt.tmp" in name:
+            os.remove(os.path.join(out, name))
+
+
+def resume(args, env, net, optimizer, scaler, steps_per_epoch):
     """Load checkpoint.pt from --out if there is one into the model, optimizer, GradScaler and RNGs, refusing
-    another method's run and any change to what is trained (refuse_changed_run); the changes a resume may make
-    are printed and appended to resumes.jsonl. Returns Resumed: (0, 0, None) for a new run."""
+    another method's run, any change to what is trained (refuse_changed_run) or to the training set
+    (refuse_changed_data); the changes a resume may make are printed and appended to resumes.jsonl. Returns
+    Resumed: (0, 0, None) for a new run."""
     path = os.path.join(args.out, "checkpoint.pt")
     if not os.path.exists(path):
+        remove_half_written(args.out, env)
         return Resumed(0, 0, None)
     try:
         state = torch.load(path, map_location=env.device, weights_only=False)
@@ -1268,27 +1310,28 @@ def resume(args, env, net, optimizer, scaler):
         if state.get(key) != want:
             found = f"{key} {state.get(key)!r} run, not {want!r}"
             raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
+    state.setdefault("resume_epoch", state.get("epoch", -1) + 1)  # checkpoints before --ckpt-every: epoch ends
     allowed = refuse_changed_run(path, state.get("args") or read_args(args.out), args)
-    for name in os.listdir(args.out) if env.main else []:  # half-written files of a killed run
-        if ".pt.tmp" in name:
-            os.remove(os.path.join(args.out, name))
+    refuse_changed_data(path, state, state["step"], env, steps_per_epoch)
+    remove_half_written(args.out, env)
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][env.rank] if len(state["rng"]) == env.world else None  # another world size: fresh seeds
-    if rng is not None:
+    same_world = len(state["rng"]) == env.world  # another process count: fresh seeds, and an epoch end's empty log
+    if same_world:
+        rng = state["rng"][env.rank]
         torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         if "cuda" in rng and env.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"].cpu(), env.device)
-    epoch = state.get("resume_epoch", state.get("epoch", -1) + 1)  # checkpoints before --ckpt-every: epoch ends
+    epoch, log = state["resume_epoch"], state["log"][env.rank] if same_world and state.get("log") else None
     if env.main:
         changes = "".join(f"; --{name.replace('_', '-')} {old} -> {new}" for name, (old, new) in allowed.items())
         print(f"resumed from {path} in epoch {epoch} at step {state['step']}{changes}")
         with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
             f.write(json.dumps({"step": state["step"], "epoch": epoch, "changed": allowed}) + "\n")
-    return Resumed(epoch, state["step"], state.get("log"))
+    return Resumed(epoch, state["step"], log)
 
 
 def read_args(out):
@@ -1333,8 +1376,8 @@ class TrainLog:
     """log.jsonl on rank 0 and a tqdm bar per epoch, continued at `step`: the records a killed run logged after its
     last checkpoint are dropped, and `saved` (the checkpoint's state()) continues the interval it was in, so the
     log of a resumed run reads as the log of one uninterrupted run. Losses accumulate on the device (add); the host
-    reads them only when an interval is written (write_interval), so the training loop has no per-step
-    synchronisation. Each record carries the training wall time so far ("time", seconds, summed over resumed
+    reads them only when an interval is written (write_interval), so the training loop never waits for the device
+    within an interval. Each record carries the training wall time so far ("time", seconds, summed over resumed
     runs); finish() writes summary.json."""
 
     def __init__(self, args, env, flops_per_step, step, saved=None):
@@ -1345,7 +1388,9 @@ class TrainLog:
         self.tick = time.perf_counter()
         self.elapsed = records[-1].get("time", 0.0) if records else 0.0  # training wall time at the last record
         if saved is not None:
-            self.loss_sum, self.count, self.scalars = saved["loss_sum"], saved["count"], saved["scalars"]
+            on_device = {name: value.to(env.device) for name, value in saved["scalars"].items()}
+            loss_sum = saved["loss_sum"].to(env.device) if saved["count"] else 0.0
+            self.loss_sum, self.count, self.scalars = loss_sum, saved["count"], on_device
             self.tick, self.elapsed = self.tick - saved["interval_s"], saved["elapsed"]
         self.start = time.perf_counter() - self.elapsed
         self.knn_top1 = next((r["knn_top1"] for r in reversed(records) if "knn_top1" in r), None)
@@ -1354,8 +1399,9 @@ class TrainLog:
         """The unfinished interval (the losses summed on the device, their count, the last step's scalars, its
         seconds so far) and the training wall time, for a checkpoint."""
         now = time.perf_counter()
-        scalars = {name: torch.as_tensor(value).detach() for name, value in self.scalars.items()}
-        interval = {"loss_sum": self.loss_sum, "count": self.count, "scalars": scalars, "interval_s": now - self.tick}
+        on_cpu = {name: torch.as_tensor(value).detach().cpu() for name, value in self.scalars.items()}
+        loss_sum = self.loss_sum.cpu() if self.count else 0.0  # on the CPU, to be gathered from every process
+        interval = {"loss_sum": loss_sum, "count": self.count, "scalars": on_cpu, "interval_s": now - self.tick}
         return {**interval, "elapsed": now - self.start}
 
     def progress(self, loader, epoch):
@@ -1430,7 +1476,7 @@ def extract_features(backbone, dataset, args, env, batch=256):
     ids = [i % n for i in range(rank() * per_rank, (rank() + 1) * per_rank)]
     shard = torch.utils.data.Subset(dataset, ids)
     own = torch.Generator()  # evaluation leaves the training RNG untouched
-    workers = {"num_workers": args.workers, "worker_init_fn": loader_worker_signals}
+    workers = {"num_workers": args.workers, "worker_init_fn": loader_worker_init}
     loader = DataLoader(shard, batch, pin_memory=env.device.type == "cuda", generator=own, **workers)
     amp, _ = autocast(args, env)
     was_training = backbone.training

@@ -343,7 +343,7 @@ class Checker:
         resumed_loss = next(r["loss"] for r in rerun["records"] if r["step"] == logged[-1])
         gap = abs(resumed_loss - killed_loss) / abs(killed_loss)
         checks = {
-            "resumed at the checkpoint": f"resume{os.sep}checkpoint.pt at epoch 1" in rerun["stdout"],
+            "resumed at the checkpoint": f"resume{os.sep}checkpoint.pt in epoch 1 at step {steps}" in rerun["stdout"],
             "the killed run's records dropped, each step once": final_steps == sorted(set(final_steps)),
             "all the steps ran": final_steps[-1] == 3 * steps,
             "finite loss": math.isfinite(rerun["records"][-1]["loss"]),

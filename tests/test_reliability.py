@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -80,15 +81,29 @@ def test_amp_runs_and_its_grad_scaler_survives_resume(amp, tmp_path):
         assert sa == sb == {}  # bf16 needs no loss scaling: the scaler is disabled
 
 
-@pytest.mark.slow
-def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(trained, tmp_path):
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """The loss turns NaN at step 5, the first of epoch 1, where --ckpt-every 5 checkpoints before the interval
+    is logged: the checkpoint's own check stops the run, and epoch 0's checkpoint stays, byte for byte."""
+    calls, loss = [0], simclr.nt_xent
+
+    def nan_from_step_5(*args):
+        calls[0] += 1  # the FLOP count's forward, then one per step
+        return loss(*args) * (float("nan") if calls[0] > 5 else 1.0)
+
+    monkeypatch.setattr(simclr, "nt_xent", nan_from_step_5)
     out = tmp_path / "run"
-    shutil.copytree(trained, out)
-    before = snapshot(out)
-    proc = run_script("simclr.py", *TINY, "--epochs", 2, "--lr", 1e30, "--knn-every", 0, "--out", out, check=False)
-    assert_one_line_error(proc, "loss became", "step", "--lr", "--amp")
-    after = snapshot(out)
-    assert after["checkpoint.pt"] == before["checkpoint.pt"] and after["backbone.pt"] == before["backbone.pt"]
+    saved, save = [], common.atomic_save
+    monkeypatch.setattr(
+        common, "atomic_save", lambda obj, path: (saved.append(os.path.basename(path)), save(obj, path))
+    )
+    argv = merge_flags(TINY, ["--epochs", 2, "--knn-every", 0, "--ckpt-every", 5], ["--out", out])
+    code, stderr = run_main("simclr.py", argv, capsys)
+    last = stderr.strip().split("\r")[-1]
+    assert code == 2 and last.startswith("error: loss became nan by step 5: lower --lr, or try --amp off")
+    steps = [r["step"] for r in common.read_log(out / "log.jsonl") if "loss" in r]
+    assert steps == [2, 4] and saved == ["checkpoint.pt", "backbone.pt"]  # epoch 0's, nothing after
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -139,7 +154,7 @@ BAD_VALUES = [
     ("simclr.py", ["--ckpt-every", -1], "argument --ckpt-every: invalid value '-1'"),
     ("simclr.py", ["--log-every", 0], "argument --log-every: invalid value '0'"),
     ("simclr.py", ["--negatives", 100], "--negatives 100 exceeds the 62 other views of a --batch 32"),
-    ("simclr.py", ["--warmup-epochs", 5, "--epochs", 2], "--warmup-epochs 5 is longer than the run's --epochs 2"),
+    ("simclr.py", ["--warmup-epochs", -1], "argument --warmup-epochs: invalid value '-1': must be a number >= 0"),
     ("simclr.py", ["--arch", "vit_tiny", "--patch-size", 5], "--img-size 32 is not a multiple of --patch-size 5"),
     ("simclr.py", ["--arch", "vit_tiny", "--width", 2], "--width 2.0 must be 1 for a ViT"),
     ("byol.py", ["--ema", 1.5], "argument --ema: invalid value '1.5': must be a number in [0, 1]"),
@@ -382,6 +397,27 @@ def test_corrupt_image_is_named(workers, tmp_path):
     # 49 images in batches of 7: every image is read in epoch 0
     assert_one_line_error(proc, f"cannot read image {bad}", "remove or replace it")
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_resume_refuses_a_training_set_that_changed(tmp_path, capsys):
+    """Images added to the folder since the checkpoint: the arguments are the same, the data are not."""
+    data = image_folder(tmp_path / "data", n_per_class=8)
+    argv = [str(word) for word in [*FOLDER, "--knn-every", 0, "--data", data, "--out", tmp_path / "run"]]
+    common.run(lambda: simclr.main(argv))  # 16 images: 2 steps an epoch
+    image_folder(tmp_path / "data", n_per_class=12)  # 8 more
+    before = snapshot(tmp_path / "run")
+    code, stderr = run_main("simclr.py", argv, capsys)
+    assert code == 2 and "was trained at 2 steps an epoch, the training set now gives 3: it changed" in stderr
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_a_resume_within_an_epoch_refuses_another_process_count(tmp_path):
+    args = SimpleNamespace(method="simclr", arch="resnet18", img_size=32, out=str(tmp_path))
+    state = {"method": "simclr", "arch": "resnet18", "img_size": 32, "args": vars(args), "steps_per_epoch": 4}
+    torch.save({**state, "resume_epoch": 0, "step": 3, "world": 1}, tmp_path / "checkpoint.pt")
+    two = common.Env(torch.device("cpu"), world=2)
+    with pytest.raises(common.UserError, match="written within epoch 0 by 1 processes: resume it on 1"):
+        common.resume(args, two, None, None, None, 4)  # refused before anything is loaded
 
 
 # ----------------------------------------------------------------------------------------------------------

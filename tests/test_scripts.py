@@ -108,51 +108,69 @@ def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs,
         assert len(read_log(resumed)) == lines
 
 
-def sigterm_after_first_interval(argv):
-    """Start a run in a process group of its own and send SIGTERM to the whole group, loader workers included (a
-    cluster signals every process of a job), as soon as the run has logged its first interval."""
-    log = os.path.join(argv[argv.index("--out") + 1], "log.jsonl")
-    cmd = [sys.executable, *map(str, argv)]
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+# Runs a script as __main__ with common.Preemption.checkpoint_due sending SIGTERM to the script's whole process group
+# (loader workers included, as a cluster signals every process of a job) at step N, just before it decides.
+_SIGTERM_AT_STEP = """
+import os, runpy, signal, sys
+import common
+due, at = common.Preemption.checkpoint_due, int(sys.argv.pop(1))
+def signal_everyone(self, step):
+    if step == at:
+        os.killpg(0, signal.SIGTERM)
+    return due(self, step)
+common.Preemption.checkpoint_due = signal_everyone
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def sigterm_at_step(argv, step):
+    """Run a script in a process group of its own that is sent SIGTERM at `step`; returns the CompletedProcess."""
+    cmd = [sys.executable, "-c", _SIGTERM_AT_STEP, str(step), *map(str, argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True) as child:  # fmt: skip
-        while child.poll() is None and not (os.path.exists(log) and os.path.getsize(log)):
-            time.sleep(0.01)
-        os.killpg(child.pid, signal.SIGTERM)
-        out, err = child.communicate(timeout=600)
+        try:
+            out, err = child.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            raise AssertionError(f"{argv} did not finish in 600 s") from None
     return subprocess.CompletedProcess(cmd, child.returncode, out, err)
 
 
-# SimCLR and DINO, 4 steps an epoch logged every 2, --ckpt-every 5, with 0 and 2 loader workers: stopped by SIGTERM
-# within epoch 0, then killed by SIGKILL after the checkpoint of step 5, within epoch 1, each time rerun with the
-# same command, end bit-identical to an uninterrupted run (0 workers, no --ckpt-every).
-PREEMPTIONS = [(m, w) for m in ("simclr", "dino") if m in METHODS for w in (0, 2)]
-PREEMPTIONS = [case if case == ("simclr", 2) else pytest.param(*case, marks=pytest.mark.slow) for case in PREEMPTIONS]
+# SimCLR and DINO, 4 steps an epoch logged every 2, --ckpt-every 5, with 0 and 2 loader workers: SIGTERM at step 3
+# (within epoch 0 and within a log interval) or 4 (epoch 0's last step: the resume runs an empty rest of epoch 0,
+# then its end), then SIGKILL half-way through writing step 8's checkpoint, so that the last good one is step 5's,
+# within epoch 1; each time rerun with the same command, the run ends bit-identical to an uninterrupted one (0
+# workers, no --ckpt-every).
+PREEMPTIONS = [("simclr", 2, 3), ("simclr", 0, 4), ("dino", 0, 3), ("dino", 2, 4)]
+PREEMPTIONS = [
+    case if case == ("simclr", 2, 3) else pytest.param(*case, marks=pytest.mark.slow)
+    for case in PREEMPTIONS
+    if case[0] in METHODS
+]
 
 
-@pytest.mark.parametrize("method,workers", PREEMPTIONS)
-def test_a_run_stopped_within_an_epoch_resumes_bit_identical(method, workers, tiny, straight_runs, tmp_path):
+@pytest.mark.parametrize("method,workers,stop_at", PREEMPTIONS)
+def test_a_run_stopped_within_an_epoch_resumes_bit_identical(method, workers, stop_at, tiny, straight_runs, tmp_path):
     flags = merge_flags(tiny, EXTRA[method], ["--epochs", 2, "--knn-every", 0])
     straight, out = straight_runs(method, flags), tmp_path / "run"
     command = [f"{method}.py", *merge_flags(flags, ["--workers", workers, "--ckpt-every", 5]), "--out", out]
-    # SIGTERM to every process once the first interval is logged: the run checkpoints after its step, exits 75
-    proc = sigterm_after_first_interval(command)
-    stopped = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert proc.returncode == common.EXIT_PREEMPTED == 75, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"stopped by SIGTERM after step {stopped['step']}: ")
-    assert 2 <= stopped["step"] < 8 and "Traceback" not in proc.stderr
-    # The same command resumes within that epoch, and is killed half-way through writing step 8's checkpoint, after
-    # the epoch-0 end's (when it resumed in epoch 0) and step 5's saves (checkpoint.pt and backbone.pt each).
-    saves = 2 * (stopped["resume_epoch"] == 0) + 2 * (stopped["step"] < 5)
-    proc = kill_during_save(command, saves + 1)
-    assert (
-        f"resumed from {out / 'checkpoint.pt'} in epoch {stopped['resume_epoch']} at step {stopped['step']}"
-        in proc.stdout
+    proc = sigterm_at_step(command, stop_at)  # the run finishes the step, checkpoints within epoch 0, exits 75
+    assert proc.returncode == common.EXIT_PREEMPTED == 75 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM after step {stop_at}: {out / 'checkpoint.pt'} is written; the same command resumes"
     )
+    stopped = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert (stopped["step"], stopped["resume_epoch"]) == (stop_at, 0)
+    # saves after the resume: epoch 0's end (checkpoint.pt, backbone.pt), step 5's (both), step 8's checkpoint.pt
+    proc = kill_during_save(command, 5)
+    assert f"resumed from {out / 'checkpoint.pt'} in epoch 0 at step {stop_at}" in proc.stdout
     assert any(".pt.tmp" in name for name in os.listdir(out))  # the half-written file
     killed = torch.load(out / "checkpoint.pt", weights_only=False)
-    assert (killed["step"], killed["resume_epoch"]) == (max(5, stopped["step"]), 1)  # the last good one, in epoch 1
+    assert (killed["step"], killed["resume_epoch"]) == (5, 1)  # the last good one, within epoch 1
     proc = run_script(*command)  # and again
-    assert f"resumed from {out / 'checkpoint.pt'} in epoch 1 at step {killed['step']}" in proc.stdout
+    assert f"resumed from {out / 'checkpoint.pt'} in epoch 1 at step 5" in proc.stdout
     assert untimed(read_log(out)) == untimed(read_log(straight))
     a, b = torch.load(straight / "backbone.pt"), torch.load(out / "backbone.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
