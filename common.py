@@ -1254,13 +1254,19 @@ class Resumed(NamedTuple):
     log: dict | None  # this process's unfinished log interval (TrainLog.state), None for a new run
 
 
+def flag(dest):
+    """The command-line spelling of an argument: log_every -> --log-every."""
+    return "--" + dest.replace("_", "-")
+
+
 def refuse_changed_run(path, saved, args):
     """The arguments a resume may not change (everything but RESUMABLE_CHANGES) must equal the checkpoint's;
     returns the changes it may make, as {flag: (saved, now)}."""
     now = vars(args)
     changed = {name: (saved[name], now[name]) for name in now if name in saved and saved[name] != now[name]}
-    refused = [f"--{name.replace('_', '-')} {old} (now {new})" for name, (old, new) in changed.items()
-               if name not in RESUMABLE_CHANGES]  # fmt: skip
+    refused = [
+        f"{flag(name)} {old} (now {new})" for name, (old, new) in changed.items() if name not in RESUMABLE_CHANGES
+    ]
     if refused:
         raise UserError(
             f"{path} was trained with {', '.join(refused)}; a resume continues the same run, so use a new --out "
@@ -1269,7 +1275,7 @@ def refuse_changed_run(path, saved, args):
     return {name: values for name, values in changed.items() if name in RESUMABLE_CHANGES}
 
 
-def refuse_changed_data(path, state, step, env, steps_per_epoch):
+def refuse_changed_data(path, state, env, steps_per_epoch):
     """A resume must see the training set the checkpoint saw (its steps per epoch), and within an epoch the same
     process count: each process's share of an epoch's shuffled order depends on it."""
     saved = state.get("steps_per_epoch", steps_per_epoch)
@@ -1278,7 +1284,7 @@ def refuse_changed_data(path, state, step, env, steps_per_epoch):
             f"{path} was trained at {saved} steps an epoch, the training set now gives {steps_per_epoch}: it changed; "
             "use a new --out for a changed run"
         )
-    within = 0 < step - state["resume_epoch"] * steps_per_epoch < steps_per_epoch
+    within = 0 < state["step"] - state["resume_epoch"] * steps_per_epoch < steps_per_epoch
     if within and state.get("world", env.world) != env.world:
         raise UserError(
             f"{path} was written within epoch {state['resume_epoch']} by {state['world']} processes: resume it on "
@@ -1312,7 +1318,7 @@ def resume(args, env, net, optimizer, scaler, steps_per_epoch):
             raise UserError(f"{path} holds a {found}; use another --out to start afresh, or delete it")
     state.setdefault("resume_epoch", state.get("epoch", -1) + 1)  # checkpoints before --ckpt-every: epoch ends
     allowed = refuse_changed_run(path, state.get("args") or read_args(args.out), args)
-    refuse_changed_data(path, state, state["step"], env, steps_per_epoch)
+    refuse_changed_data(path, state, env, steps_per_epoch)
     remove_half_written(args.out, env)
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -1327,7 +1333,7 @@ def resume(args, env, net, optimizer, scaler, steps_per_epoch):
             torch.cuda.set_rng_state(rng["cuda"].cpu(), env.device)
     epoch, log = state["resume_epoch"], state["log"][env.rank] if same_world and state.get("log") else None
     if env.main:
-        changes = "".join(f"; --{name.replace('_', '-')} {old} -> {new}" for name, (old, new) in allowed.items())
+        changes = "".join(f"; {flag(name)} {old} -> {new}" for name, (old, new) in allowed.items())
         print(f"resumed from {path} in epoch {epoch} at step {state['step']}{changes}")
         with open(os.path.join(args.out, "resumes.jsonl"), "a") as f:
             f.write(json.dumps({"step": state["step"], "epoch": epoch, "changed": allowed}) + "\n")
