@@ -402,13 +402,24 @@ class ImageFiles(Dataset):
 
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
-                if self.draft_side:
-                    im.draft("RGB", (self.draft_side, self.draft_side))
-                img = np.asarray(im.convert("RGB"))  # grayscale, palette and RGBA become RGB
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
+            return decode_image(path, self.draft_side), label
+        except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as e:  # bad files
             raise UserError(f"cannot read image {path} ({e}); remove or replace it") from None
-        return torch.from_numpy(img.copy()).permute(2, 0, 1), label
+
+
+def decode_image(path, draft_side=0):
+    """An image file as a (3, H, W) uint8 tensor (grayscale, palette and RGBA become RGB). A JPEG decoded at full
+    size goes through torchvision.io.decode_jpeg (the same libjpeg-turbo pixels as PIL, about 1.5x as fast); one
+    reduced by draft mode (see ImageFiles) through PIL."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        full_size = im.size
+        if draft_side:
+            im.draft("RGB", (draft_side, draft_side))
+        if im.format == "JPEG" and im.size == full_size and im.mode in ("RGB", "L"):
+            return torchvision.io.decode_jpeg(torchvision.io.read_file(path), torchvision.io.ImageReadMode.RGB)
+        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def random_subset(ds, n, seed):
@@ -466,11 +477,12 @@ def build_dataset(args, split, draft_side=0):
 
 
 class Augmented(Dataset):
-    """Applies a transform to a raw dataset. Keys may be (epoch, index): the augmentation randomness is then a
-    pure function of (seed, epoch, index), so data do not depend on worker count and a resumed run sees exactly
-    the crops an uninterrupted one would."""
+    """Applies a transform to a raw dataset. With a seed the transform is random, called as transform(img,
+    generator), and keys may be (epoch, index): the generator is then seeded from (seed, epoch, index), so data
+    do not depend on worker count and a resumed run sees exactly the crops an uninterrupted one would (a generator
+    of its own, not the global RNG: forking the global RNG costs 0.1 ms an item)."""
 
-    def __init__(self, base, transform, seed=0):
+    def __init__(self, base, transform, seed=None):
         self.base, self.transform, self.seed = base, transform, seed
 
     def __len__(self):
@@ -484,9 +496,10 @@ class Augmented(Dataset):
         torch.set_num_threads(1)
         try:
             img, label = self.base[i]
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i) % 2**64)
+            if self.seed is None:
                 return self.transform(img), label
+            item_seed = ((self.seed * 1_000_003 + epoch) * 1_000_000_007 + i) % 2**64
+            return self.transform(img, torch.Generator().manual_seed(item_seed)), label
         finally:
             torch.set_num_threads(threads)
 
@@ -598,9 +611,10 @@ def crop_box(h, w, scale, ratio, u):
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def draw_params(spec, h, w):
-    """One view's parameters for an (h, w) image, a float row in FIELDS order, from the global torch RNG."""
-    draws = torch.rand(UNIFORMS_PER_VIEW, dtype=torch.float64).tolist()
+def draw_params(spec, h, w, generator=None):
+    """One view's parameters for an (h, w) image, a float row in FIELDS order, from `generator` (default: the
+    global torch RNG)."""
+    draws = torch.rand(UNIFORMS_PER_VIEW, dtype=torch.float64, generator=generator).tolist()
     u = {name: draws[where] for name, where in UNIFORMS.items()}
     row = dict.fromkeys(FIELDS, 0.0)
     if spec.noise:  # the whole image resized (shorter side) and centre-cropped: its central square
@@ -628,31 +642,42 @@ def blur_kernel(size):
 
 
 def grayscale(x):
-    return (x * x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    """torchvision's rgb_to_grayscale of (n, 3, H, W) images: one weighted sum over the channels."""
+    r, g, b = x.unbind(1)
+    return torch.mul(r, GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])[:, None]
 
 
 def adjust_hue(x, shift):
-    """Rotate the HSV hue of (n, 3, H, W) images in [0, 1] by shift (n,) turns, keeping value and saturation:
-    torchvision's adjust_hue in the closed form c_n = V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6."""
+    """Rotate the HSV hue of (n, 3, H, W) images in [0, 1] by shift (n,) turns, keeping value and saturation, in
+    place: torchvision's adjust_hue in the closed form c_n = V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6.
+    No torch.where on the full image: on a CPU it costs about ten multiplications."""
     r, g, b = x.unbind(1)
-    v, m = x.amax(1), x.amin(1)
-    chroma = v - m
-    inv = 1 / torch.where(chroma > 0, chroma, torch.ones_like(chroma))  # grey pixels: any hue works
-    h6 = torch.where(v == r, (g - b) * inv, torch.where(v == g, 2 + (b - r) * inv, 4 + (r - g) * inv))
-    h6 = h6 + 6 * shift.view(-1, 1, 1) + 6  # in [-1, 5] + [-3, 3] + 6: positive, so fmod is the modulo
-    k = torch.fmod(x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1) + h6[:, None], 6)
-    return v[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    v = torch.maximum(torch.maximum(r, g), b)
+    chroma = v - torch.minimum(torch.minimum(r, g), b)
+    inv = chroma.clamp_min(1e-12).reciprocal_()  # grey pixels (chroma 0): any hue works, and (g - b) is 0
+    # torchvision's sextants: red is the maximum: (g - b) / C; else green: 2 + (b - r) / C; else 4 + (r - g) / C
+    red = (v == r).to(x.dtype)
+    green = (v == g).to(x.dtype).mul_(1 - red)
+    h6 = (g - b).mul_(red)
+    h6.add_((b - r).add_(chroma, alpha=2).mul_(green)).add_((r - g).add_(chroma, alpha=4).mul_(1 - red - green))
+    turns = (
+        h6.mul_(inv).add_(6 * shift.view(-1, 1, 1) + 6).mul_(1 / 6)
+    )  # the new hue plus one turn: positive, so frac is the modulo
+    k = torch.add(x.new_tensor([5 / 6, 3 / 6, 1 / 6]).view(1, 3, 1, 1), turns[:, None], out=x).frac_().mul_(6)
+    k = torch.minimum(k, torch.mul(k, -1).add_(4), out=k).clamp_(0, 1)
+    return torch.addcmul(v[:, None], chroma[:, None], k, value=-1, out=k)
 
 
 def color_op(x, factor, which):
-    """Brightness (0), contrast (1), saturation (2) or hue (3) of (n, 3, H, W) images in [0, 1], per image."""
+    """Brightness (0), contrast (1), saturation (2) or hue (3) of (n, 3, H, W) images in [0, 1], one factor per
+    image, in place (x is returned)."""
     if which == 3:
         return adjust_hue(x, factor)
     f = factor.view(-1, 1, 1, 1)
     if which == 0:
-        return (x * f).clamp(0, 1)
+        return x.mul_(f).clamp_max_(1)  # factors are >= 0
     target = grayscale(x).mean((1, 2, 3), keepdim=True) if which == 1 else grayscale(x)
-    return (f * x + (1 - f) * target).clamp(0, 1)
+    return x.mul_(f).add_(target.mul_(1 - f)).clamp_(0, 1)
 
 
 def gaussian_blur(x, sigma, taps):
@@ -670,44 +695,75 @@ def where_rows(mask, fn, x, *row_args):
     """Apply fn to the images where mask (on the CPU: no device sync) is set, leaving the others unchanged."""
     idx = mask.nonzero()[:, 0].to(x.device, non_blocking=True)
     if len(idx):
-        x[idx] = fn(x[idx], *[a[idx] for a in row_args])
+        x.index_copy_(0, idx, fn(x.index_select(0, idx), *[a.index_select(0, idx) for a in row_args]))
     return x
 
 
+def jitter_key(rows):
+    """Each row's colour-jitter order as one number (ColorJitter draws one of 24 per image; unjittered rows: 0)."""
+    return torch.where(rows[:, COL.jitter].bool(), 1 + rows[:, COL.order].long() @ torch.tensor([64, 16, 4, 1]), 0)
+
+
 def jitter_runs(host_p):
-    """Order rows by colour-jitter order (ColorJitter draws one of 24 per image; unjittered rows first) so that
-    each op runs on a contiguous slice. Returns the permutation and, in the sorted rows, [(start, end, order)]
-    of the jittered runs."""
-    order = host_p[:, COL.order].long()
-    key = torch.where(host_p[:, COL.jitter].bool(), 1 + order @ torch.tensor([64, 16, 4, 1]), 0)
-    perm = key.argsort(stable=True)
-    values, counts = torch.unique_consecutive(key[perm], return_counts=True)
+    """The runs of rows sharing a jitter order in rows sorted by jitter_key: [(start, end, order)], so that each
+    op runs on a contiguous slice."""
+    values, counts = torch.unique_consecutive(jitter_key(host_p), return_counts=True)
     ends = counts.cumsum(0).tolist()
-    return perm, [
+    return [
         (e - n, e, [k // 4**i % 4 for i in (3, 2, 1, 0)])
         for k, n, e in zip((values - 1).tolist(), counts.tolist(), ends)
         if k >= 0
     ]
 
 
-def render(crops, p, host_p, runs, taps):
-    """Flip, jitter, grayscale, blur and solarize (n, 3, S, S) crops in [0, 1] with parameter rows p (n, F) on
-    their device; host_p: the same rows on the CPU, for the masks; runs: their jitter_runs (rows sorted)."""
-    x = where_rows(host_p[:, COL.flip].bool(), lambda y: y.flip(-1), crops)
-    for start, end, order in runs:
+def flip(crops, host_p):
+    return where_rows(host_p[:, COL.flip].bool(), lambda y: y.flip(-1), crops)
+
+
+def to_unit_range(crops):
+    """uint8 crops (or roi_align's floats, already scaled) as floats in [0, 1]."""
+    return crops.float().mul_(1 / 255) if crops.dtype == torch.uint8 else crops
+
+
+def color_jitter(x, p, host_p):
+    for start, end, order in jitter_runs(host_p):
         for which in order:
-            x[start:end] = color_op(x[start:end], p[start:end, COL.brightness + which], which)
-    x = where_rows(host_p[:, COL.gray].bool(), lambda y: grayscale(y).expand(-1, 3, -1, -1), x)
-    x = where_rows(host_p[:, COL.blur].bool(), functools.partial(gaussian_blur, taps=taps), x, p[:, COL.sigma])
+            color_op(x[start:end], p[start:end, COL.brightness + which], which)
+    return x
+
+
+def random_grayscale(x, host_p):
+    return where_rows(host_p[:, COL.gray].bool(), lambda y: grayscale(y).expand(-1, 3, -1, -1), x)
+
+
+def random_blur(x, p, host_p, taps):
+    return where_rows(host_p[:, COL.blur].bool(), functools.partial(gaussian_blur, taps=taps), x, p[:, COL.sigma])
+
+
+def random_solarize(x, host_p):
     return where_rows(host_p[:, COL.solarize].bool(), lambda y: torch.where(y >= 128 / 255, 1 - y, y), x)
 
 
+def to_uint8(x):
+    return x.mul_(255).round_().to(torch.uint8)
+
+
+def render(crops, p, host_p, taps):
+    """Flip, jitter, grayscale, blur and solarize (n, 3, S, S) crops with parameter rows p (n, F) on their device,
+    sorted by jitter_key; host_p: the same rows on the CPU, for the masks. Floats in [0, 1]."""
+    x = to_unit_range(flip(crops, host_p))
+    x = color_jitter(x, p, host_p)
+    x = random_grayscale(x, host_p)
+    x = random_blur(x, p, host_p, taps)
+    return random_solarize(x, host_p)
+
+
 def cut_crops(images, p, size):
-    """Crop boxes p[:, :4] out of uint8 images and resize them to size x size: a list of (3, H, W) images on the
-    CPU through F.interpolate's uint8 path, bicubic as the official code of all five methods and antialiased as
+    """Crop boxes p[:, :4] out of uint8 images and resize them to size x size: on the CPU an (n, 3, H, W) uint8
+    tensor through F.interpolate's uint8 path, bicubic as the official code of all five methods and antialiased as
     the PIL-based ones (VICReg, DINO, MAE; at most 2.6% slower than bilinear, measured in docs/speed.md), or with
-    --gpu-aug an (n, 3, H, W) canvas holding them at the top left through roi_align (bilinear: it averages
-    ceil(box/size)^2 bilinear samples per pixel). Floats in [0, 1]."""
+    --gpu-aug a float (n, 3, H, W) canvas in [0, 1] holding them at the top left through roi_align (bilinear: it
+    averages ceil(box/size)^2 bilinear samples per pixel)."""
     if torch.is_tensor(images):
         top, left, h, w = p[:, :4].unbind(1)
         rois = torch.stack([torch.arange(len(p), device=p.device, dtype=p.dtype), left, top, left + w, top + h], 1)
@@ -716,7 +772,7 @@ def cut_crops(images, p, size):
     for img, (top, left, h, w) in zip(images, p[:, :4].int().tolist()):
         crop = img[None, :, top : top + h, left : left + w]
         crops.append(F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False))
-    return torch.cat(crops).float() / 255
+    return torch.cat(crops)
 
 
 def pixel_noise(rows, like):
@@ -741,9 +797,9 @@ class Views:
     def __init__(self, specs):
         self.specs, self.sizes = list(specs), [s.size for s in specs]
 
-    def draw(self, img):
-        """Per item (inside Augmented's seeded RNG): the decoded uint8 image and its (V, F) parameters."""
-        return img, torch.stack([draw_params(s, img.shape[-2], img.shape[-1]) for s in self.specs])
+    def draw(self, img, generator=None):
+        """Per item (with Augmented's seeded generator): the decoded uint8 image and its (V, F) parameters."""
+        return img, torch.stack([draw_params(s, img.shape[-2], img.shape[-1], generator) for s in self.specs])
 
     def render(self, images, params, normalise=False):
         """The views of a batch: images (a list of uint8 (3, H, W), or an (N, 3, H, W) canvas on the device that
@@ -758,17 +814,18 @@ class Views:
             rows = params[:, group].transpose(0, 1).reshape(-1, len(FIELDS))  # view-major: (G n, F)
             as_float = normalise or bool(rows[:, COL.noise].any())
             x = torch.empty(len(rows), 3, size, size, device=device, dtype=torch.float32 if as_float else torch.uint8)
+            order = jitter_key(rows).argsort(stable=True)  # one pass of each colour op per jitter order and chunk
+            sorted_rows, taps = rows[order], min(blur_kernel(size), BLUR_TAPS_MAX)
             chunk = max(1, 2**20 // (3 * size * size)) if device.type == "cpu" else len(rows)
             for start in range(0, len(rows), chunk):
-                perm, runs = jitter_runs(rows[start : start + chunk])
-                perm += start
-                host_p, ids = rows[perm], perm % n
+                host_p, ids = sorted_rows[start : start + chunk], order[start : start + chunk] % n
                 src = images[ids.to(device)] if torch.is_tensor(images) else [images[i] for i in ids.tolist()]
                 p = host_p.to(device, non_blocking=True)
-                y = render(cut_crops(src, p, size), p, host_p, runs, min(blur_kernel(size), BLUR_TAPS_MAX))
+                y = render(cut_crops(src, p, size), p, host_p, taps)
                 if host_p[:, COL.noise].any():
                     y = y + p[:, COL.noise].view(-1, 1, 1, 1) * pixel_noise(host_p, y)
-                x[perm.to(device)] = normalize_batch(y, scaled=True) if as_float else (y * 255).round_().to(torch.uint8)
+                x[start : start + len(host_p)] = normalize_batch(y, scaled=True) if as_float else to_uint8(y)
+            x = x.index_select(0, order.argsort().to(device))  # back to view-major order
             for j, v in enumerate(group):
                 out[v] = x[j * n : (j + 1) * n]
         return out
@@ -792,9 +849,9 @@ class Views:
         """--gpu-aug: a loader's RawViews rendered on the training device, normalised float32 views."""
         return self.render(raw.canvas.to(device, non_blocking=True), raw.params, normalise=True)
 
-    def __call__(self, img):
+    def __call__(self, img, generator=None):
         """One image's views, normalised float (3, S, S) each."""
-        img, params = self.draw(img)
+        img, params = self.draw(img, generator)
         return [v[0] for v in self.render([img], params[None], normalise=True)]
 
 
