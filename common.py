@@ -656,8 +656,8 @@ def adjust_hue(x, shift):
     chroma = v - torch.minimum(torch.minimum(r, g), b)
     inv = chroma.clamp_min(1e-12).reciprocal_()  # grey pixels (chroma 0): any hue works, and (g - b) is 0
     # torchvision's sextants: red is the maximum: (g - b) / C; else green: 2 + (b - r) / C; else 4 + (r - g) / C
-    red = (v == r).to(x.dtype)
-    green = (v == g).to(x.dtype).mul_(1 - red)
+    red = torch.eq(v, r, out=torch.empty_like(v))  # as floats: 3x faster than a bool mask converted after
+    green = torch.eq(v, g, out=torch.empty_like(v)).mul_(1 - red)
     h6 = (g - b).mul_(red)
     h6.add_((b - r).add_(chroma, alpha=2).mul_(green)).add_((r - g).add_(chroma, alpha=4).mul_(1 - red - green))
     turns = (
@@ -685,6 +685,7 @@ def gaussian_blur(x, sigma, taps):
     n, c, h, w = x.shape
     t = torch.arange(taps, device=x.device, dtype=x.dtype) - (taps - 1) / 2
     kernel = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
+    kernel = torch.where(kernel > 1e-20, kernel, 0)  # denormal weights (sigma near 0.4) make the conv 3-5x slower
     kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n c, taps)
     y = F.pad(x.reshape(1, n * c, h, w), (taps // 2,) * 4, mode="reflect")
     y = F.conv2d(y, kernel.view(n * c, 1, taps, 1), groups=n * c)
