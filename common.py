@@ -289,11 +289,10 @@ def autocast(args, env):
     return amp, torch.amp.GradScaler(env.device.type, enabled=dtype == torch.float16)
 
 
-def normalize_batch(x, scaled=False):
-    """uint8 (or [0, 1] float with scaled=True) images -> float32 with the ImageNet mean and std."""
+def normalize_batch(x):
+    """Images in 0-255 (uint8, or floats) -> float32 with the ImageNet mean and std."""
     mean, std = x.new_tensor(IMAGENET_MEAN, dtype=torch.float32), x.new_tensor(IMAGENET_STD, dtype=torch.float32)
-    scale = 1.0 if scaled else 255.0
-    return (x.float() - mean.view(1, 3, 1, 1) * scale) / (std.view(1, 3, 1, 1) * scale)
+    return (x.float() - mean.view(1, 3, 1, 1) * 255) / (std.view(1, 3, 1, 1) * 255)
 
 
 def to_device(views, args, env):
@@ -648,7 +647,7 @@ def grayscale(x):
 
 
 def adjust_hue(x, shift):
-    """Rotate the HSV hue of (n, 3, H, W) images in [0, 1] by shift (n,) turns, keeping value and saturation, in
+    """Rotate the HSV hue of (n, 3, H, W) images (any scale: 0-1 or 0-255) by shift (n,) turns, keeping value and saturation, in
     place: torchvision's adjust_hue in the closed form c_n = V - C clamp(min(k, 4 - k), 0, 1), k = (n + 6H) mod 6.
     No torch.where on the full image: on a CPU it costs about ten multiplications."""
     r, g, b = x.unbind(1)
@@ -668,16 +667,16 @@ def adjust_hue(x, shift):
     return torch.addcmul(v[:, None], chroma[:, None], k, value=-1, out=k)
 
 
-def color_op(x, factor, which):
-    """Brightness (0), contrast (1), saturation (2) or hue (3) of (n, 3, H, W) images in [0, 1], one factor per
+def color_op(x, factor, which, bound=1.0):
+    """Brightness (0), contrast (1), saturation (2) or hue (3) of (n, 3, H, W) images in [0, bound], one factor per
     image, in place (x is returned)."""
     if which == 3:
         return adjust_hue(x, factor)
     f = factor.view(-1, 1, 1, 1)
     if which == 0:
-        return x.mul_(f).clamp_max_(1)  # factors are >= 0
+        return x.mul_(f).clamp_max_(bound)  # factors are >= 0
     target = grayscale(x).mean((1, 2, 3), keepdim=True) if which == 1 else grayscale(x)
-    return x.mul_(f).add_(target.mul_(1 - f)).clamp_(0, 1)
+    return x.mul_(f).add_(target.mul_(1 - f)).clamp_(0, bound)
 
 
 def gaussian_blur(x, sigma, taps):
@@ -721,15 +720,16 @@ def flip(crops, host_p):
     return where_rows(host_p[:, COL.flip].bool(), lambda y: y.flip(-1), crops)
 
 
-def to_unit_range(crops):
-    """uint8 crops (or roi_align's floats, already scaled) as floats in [0, 1]."""
-    return crops.float().mul_(1 / 255) if crops.dtype == torch.uint8 else crops
+def to_float(crops):
+    """uint8 crops (or roi_align's floats) as floats in 0-255: the pixel work keeps uint8's scale, which saves a
+    pass at each end."""
+    return crops.float()
 
 
 def color_jitter(x, p, host_p):
     for start, end, order in jitter_runs(host_p):
         for which in order:
-            color_op(x[start:end], p[start:end, COL.brightness + which], which)
+            color_op(x[start:end], p[start:end, COL.brightness + which], which, bound=255)
     return x
 
 
@@ -742,17 +742,17 @@ def random_blur(x, p, host_p, taps):
 
 
 def random_solarize(x, host_p):
-    return where_rows(host_p[:, COL.solarize].bool(), lambda y: torch.where(y >= 128 / 255, 1 - y, y), x)
+    return where_rows(host_p[:, COL.solarize].bool(), lambda y: torch.where(y >= 128, 255 - y, y), x)
 
 
 def to_uint8(x):
-    return x.mul_(255).round_().to(torch.uint8)
+    return x.round_().to(torch.uint8)
 
 
 def render(crops, p, host_p, taps):
     """Flip, jitter, grayscale, blur and solarize (n, 3, S, S) crops with parameter rows p (n, F) on their device,
-    sorted by jitter_key; host_p: the same rows on the CPU, for the masks. Floats in [0, 1]."""
-    x = to_unit_range(flip(crops, host_p))
+    sorted by jitter_key; host_p: the same rows on the CPU, for the masks. Floats in 0-255."""
+    x = to_float(flip(crops, host_p))
     x = color_jitter(x, p, host_p)
     x = random_grayscale(x, host_p)
     x = random_blur(x, p, host_p, taps)
@@ -763,12 +763,12 @@ def cut_crops(images, p, size):
     """Crop boxes p[:, :4] out of uint8 images and resize them to size x size: on the CPU an (n, 3, H, W) uint8
     tensor through F.interpolate's uint8 path, bicubic as the official code of all five methods and antialiased as
     the PIL-based ones (VICReg, DINO, MAE; at most 2.6% slower than bilinear, measured in docs/speed.md), or with
-    --gpu-aug a float (n, 3, H, W) canvas in [0, 1] holding them at the top left through roi_align (bilinear: it
+    --gpu-aug a float (n, 3, H, W) canvas in 0-255 holding them at the top left through roi_align (bilinear: it
     averages ceil(box/size)^2 bilinear samples per pixel)."""
     if torch.is_tensor(images):
         top, left, h, w = p[:, :4].unbind(1)
         rois = torch.stack([torch.arange(len(p), device=p.device, dtype=p.dtype), left, top, left + w, top + h], 1)
-        return torchvision.ops.roi_align(images.float(), rois, size, aligned=True) / 255
+        return torchvision.ops.roi_align(images.float(), rois, size, aligned=True)
     crops = []
     for img, (top, left, h, w) in zip(images, p[:, :4].int().tolist()):
         crop = img[None, :, top : top + h, left : left + w]
@@ -824,8 +824,8 @@ class Views:
                 p = host_p.to(device, non_blocking=True)
                 y = render(cut_crops(src, p, size), p, host_p, taps)
                 if host_p[:, COL.noise].any():
-                    y = y + p[:, COL.noise].view(-1, 1, 1, 1) * pixel_noise(host_p, y)
-                x[start : start + len(host_p)] = normalize_batch(y, scaled=True) if as_float else to_uint8(y)
+                    y = y + p[:, COL.noise].view(-1, 1, 1, 1) * 255 * pixel_noise(host_p, y)
+                x[start : start + len(host_p)] = normalize_batch(y) if as_float else to_uint8(y)
             x = x.index_select(0, order.argsort().to(device))  # back to view-major order
             for j, v in enumerate(group):
                 out[v] = x[j * n : (j + 1) * n]

@@ -1,13 +1,15 @@
 """Speed of the project's augmentation pipelines and training steps, side by side with lightly.
 
-Pipeline (the default): the method's augmentation recipe on one CPU core, as a loader worker runs it: decode,
+Pipeline (the default): each method's augmentation recipe on one CPU core, as a loader worker runs it: decode,
 draw the parameters, render the batch (uint8 views; the final normalisation happens on the training device).
-No model. `--vs lightly` runs lightly's matching transform (PIL, one image at a time, then stacked as its
-default collate does) on the same images in the same run, alternating rounds; each side reports its best round.
+No model. In one run, per recipe: decode only and decode + crops and resizes (the ceilings), the full pipeline,
+lightly's matching transform (`--vs lightly`: PIL, one image at a time, stacked as its default collate does), the
+pipeline's share of each ceiling, and where the full pipeline's time goes, stage by stage. Rounds alternate
+between the sides; each reports its best round. `--make-jpegs N --side S` first writes N S x S JPEGs (quality 90,
+bicubic) from the images under --data, for a test set like ImageNet-style training data when none is at hand.
 
-    python bench/speed.py --data ../shared/data/cifar10-subset/train --recipe simclr --img-size 32 --vs lightly
+    python bench/speed.py --data ../shared/data/cifar10-subset/train --make-jpegs 256 --side 224 --vs lightly
     python bench/speed.py --data /data/imagenet/train --recipe dino --img-size 224 --n 256 --vs lightly
-    python bench/speed.py --data ../shared/data/cifar10-subset/train --upscale 500x375 --recipe dino --img-size 224
 
 Step (`--step`): each method's training step (forward, backward, optimizer; no EMA or data) on a fixed random
 batch, in images/s and FLOP/s, and as a fraction of the FLOP/s of a large fp32 matmul measured in the same run.
@@ -19,10 +21,14 @@ project.
 """
 
 import argparse
+import collections
+import functools
 import importlib
 import json
 import os
+import platform
 import sys
+import tempfile
 import time
 
 import torch
@@ -32,28 +38,54 @@ import common
 
 METHODS = ("simclr", "byol", "vicreg", "dino", "mae")
 CLASSES = {"simclr": "SimCLR", "byol": "BYOL", "vicreg": "VICReg", "dino": "DINO", "mae": "MAE"}
+# --recipe all: the view sizes users train at (SimCLR also at CIFAR's 32 px)
+ALL_RECIPES = (("simclr", 32), ("simclr", 224), ("byol", 224), ("vicreg", 224), ("mae", 224), ("dino", 224))
+# The full pipeline's stages, as common.py names them: each is timed where the pipeline calls it.
+STAGES = ("decode_image", "draw", "cut_crops", "flip", "to_unit_range", "brightness", "contrast", "saturation",
+          "hue", "random_grayscale", "random_blur", "random_solarize", "to_uint8")  # fmt: skip
+COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("--data", default=None, help="image folder (class sub-folders or images), for the pipeline")
-    p.add_argument("--recipe", default="simclr", help=f"the method whose pipeline to measure: {', '.join(METHODS)}")
-    p.add_argument("--img-size", type=int, default=32, help="view side (DINO: global crops; local: 96/224 of it)")
+    p.add_argument(
+        "--recipe", default="all", help=f"all, or the method whose pipeline to measure: {', '.join(METHODS)}"
+    )
+    p.add_argument(
+        "--img-size", type=int, default=224, help="view side with --recipe (DINO: global crops; local: 96/224)"
+    )
     p.add_argument("--local-crops", type=int, default=8, help="DINO's local crops (pipeline and step)")
     p.add_argument("--n", type=int, default=256, help="images per round")
     p.add_argument("--batch", type=int, default=64, help="images per rendered batch (pipeline) or per step (step)")
     p.add_argument("--rounds", type=int, default=3, help="rounds per side; the best counts")
-    p.add_argument("--upscale", default=None, help="WxH: measure JPEG copies (quality 90) of the images at this size")
+    p.add_argument("--make-jpegs", type=int, default=0, help="N: measure N JPEG copies (quality 90) of --data's images")
+    p.add_argument("--side", type=int, default=224, help="--make-jpegs: the copies' side (square)")
     p.add_argument("--vs", default=None, help="lightly: also measure lightly's matching transform")
     p.add_argument("--step", action="store_true", help="measure the training steps instead of the pipeline")
     p.add_argument("--methods", default=",".join(METHODS), help="methods for --step")
     p.add_argument("--arch", default="resnet18", help="backbone for --step (MAE and DINO: vit_tiny if a ResNet)")
     p.add_argument("--stem", default="auto", help="ResNet stem for --step")
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (after 2 untimed)")
-    p.add_argument("--amp", default="off", help="--step autocast: off, bf16 or fp16")
+    p.add_argument("--amp", default="off", help="--step autocast: off, auto, bf16 or fp16")
     p.add_argument("--compile", action="store_true", help="--step: torch.compile the model")
     p.add_argument("--threads", type=int, default=0, help="--step torch threads (0: all cores)")
     return p.parse_args(argv)
+
+
+def machine():
+    """The CPU's model name, and whether it has the bf16 instructions (for the reports)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or [f for f in ("avx512f", "avx2") if f in flags][
+        :1
+    ]
+    return f"{name} ({', '.join(extras)})" if extras else name
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -87,19 +119,39 @@ def lightly_transform(recipe, size, local_sizes):
         return L.DINOTransform(global_crop_size=size, local_crop_size=local, n_local_views=len(local_sizes))
     if recipe == "mae":
         return L.MAETransform(input_size=size)
-    raise common.UserError(f"unknown --recipe {recipe!r}; choose from {', '.join(METHODS)}")
+    raise common.UserError(f"unknown --recipe {recipe!r}; choose all or one of {', '.join(METHODS)}")
 
 
-def upscaled_copies(dataset, width, height, draft_side):
-    import tempfile
-
+def make_jpegs(samples, side):
+    """side x side JPEG copies (quality 90, bicubic) of the images, in a new temporary folder."""
     from PIL import Image
 
     folder = tempfile.mkdtemp(prefix="speed-jpegs-")
-    for k, (path, _) in enumerate(dataset.samples):
+    for k, (path, _) in enumerate(samples):
         with Image.open(path) as im:
-            im.convert("RGB").resize((width, height), Image.BICUBIC).save(f"{folder}/{k:05d}.jpg", quality=90)
-    return common.ImageFiles(folder, draft_side=draft_side)
+            im.convert("RGB").resize((side, side), Image.BICUBIC).save(f"{folder}/{k:05d}.jpg", quality=90)
+    return folder
+
+
+def time_decode(views, dataset, n, batch):
+    """Ceiling 1: decoding only (at the size the pipeline decodes)."""
+    start = time.perf_counter()
+    for i in range(n):
+        dataset[i]
+    return n / (time.perf_counter() - start)
+
+
+def time_crops(views, dataset, n, batch):
+    """Ceiling 2: decoding, drawing every view's parameters and cutting and resizing its crop (no flip, colour or
+    blur), batched as the pipeline does."""
+    augmented = common.Augmented(dataset, views.draw, seed=0)
+    start = time.perf_counter()
+    for first in range(0, n, batch):
+        images, params = zip(*[augmented[(0, i)][0] for i in range(first, min(n, first + batch))])
+        for v, size in enumerate(views.sizes):
+            rows = torch.stack(params)[:, v]
+            common.cut_crops([images[i] for i in range(len(images))], rows, size)
+    return n / (time.perf_counter() - start)
 
 
 def time_ours(views, dataset, n, batch):
@@ -123,30 +175,93 @@ def time_lightly(transform, dataset, n, batch):
     return n / (time.perf_counter() - start)
 
 
+def timed(stage, seconds, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[stage] += time.perf_counter() - start
+
+    return wrapper
+
+
+def stage_breakdown(views, dataset, n, batch):
+    """The full pipeline once more, each stage function of common.py wrapped in a timer: milliseconds per image
+    by stage; `collate` is what remains (sorting rows, gathering images, the views' final order)."""
+    seconds = collections.defaultdict(float)
+    originals = {name: getattr(common, name) for name in STAGES if name not in COLOR_OPS and name != "draw"}
+    color_op, draw = common.color_op, common.Views.draw
+    try:
+        for name, fn in originals.items():
+            setattr(common, name, timed(name, seconds, fn))
+        common.color_op = lambda x, factor, which: timed(COLOR_OPS[which], seconds, color_op)(x, factor, which)
+        common.Views.draw = timed("draw", seconds, draw)
+        total = n / time_ours(views, dataset, n, batch)
+    finally:
+        for name, fn in originals.items():
+            setattr(common, name, fn)
+        common.color_op, common.Views.draw = color_op, draw
+    stages = {name: seconds[name] for name in STAGES}
+    stages["collate"] = total - sum(stages.values())
+    return {name: round(1e3 * s / n, 3) for name, s in stages.items()}
+
+
+def bench_recipe(recipe, size, args, samples):
+    name, views = our_recipe(recipe, size, args.local_crops)
+    dataset = common.ImageFiles(args.data, draft_side=max(views.sizes))
+    dataset.samples = samples
+    n = len(samples)
+    lightly = lightly_transform(recipe, size, views.sizes[2:]) if args.vs == "lightly" else None
+    sides = {"decode": time_decode, "decode_crops": time_crops, "ours": time_ours}
+    best = dict.fromkeys([*sides, *(["lightly"] if lightly else [])], 0.0)
+    for _ in range(args.rounds):
+        for side, fn in sides.items():
+            best[side] = max(best[side], fn(views, dataset, n, args.batch))
+        if lightly is not None:
+            best["lightly"] = max(best["lightly"], time_lightly(lightly, dataset, n, args.batch))
+    row = {"recipe": recipe, "aug": name, "img_size": size, "views": views.sizes}
+    row.update({f"{side}_img_per_s": round(v, 1) for side, v in best.items()})
+    row.update(share_of_decode=round(best["ours"] / best["decode"], 2))
+    row.update(share_of_decode_crops=round(best["ours"] / best["decode_crops"], 2))
+    if lightly is not None:
+        row.update(ratio=round(best["ours"] / best["lightly"], 2))
+    row["ms_per_image_by_stage"] = stage_breakdown(views, dataset, n, args.batch)
+    return row
+
+
+def print_row(row):
+    against = f", lightly {row['lightly_img_per_s']} ({row['ratio']}x)" if "ratio" in row else ""
+    print(f"{row['recipe']} {row['img_size']} px {row['views']}: ours {row['ours_img_per_s']} img/s{against}; "
+          f"decode {row['decode_img_per_s']}, + crops {row['decode_crops_img_per_s']} (ours is "
+          f"{row['share_of_decode']:.0%} and {row['share_of_decode_crops']:.0%} of them)")  # fmt: skip
+    stages = row["ms_per_image_by_stage"]
+    total = sum(stages.values())
+    print("  ms/image: " + ", ".join(f"{k} {v:.3f} ({v / total:.0%})" for k, v in stages.items() if v >= 0.0005))
+
+
 def bench_pipeline(args):
     if not args.data:
         raise common.UserError("--data is required for the pipeline benchmark (a folder of images)")
     torch.set_num_threads(1)  # one core: what one loader worker gets
-    if args.recipe not in METHODS:
-        raise common.UserError(f"unknown --recipe {args.recipe!r}; choose from {', '.join(METHODS)}")
-    name, views = our_recipe(args.recipe, args.img_size, args.local_crops)
-    dataset = common.ImageFiles(args.data, draft_side=max(views.sizes))
-    dataset.samples = dataset.samples[:: max(1, len(dataset.samples) // args.n)][: args.n]  # spread over classes
-    n = len(dataset.samples)
-    if args.upscale:  # e.g. ImageNet-sized JPEGs made from CIFAR images, when no large images are at hand
-        dataset = upscaled_copies(dataset, *map(int, args.upscale.split("x")), max(views.sizes))
-    lightly = lightly_transform(args.recipe, args.img_size, views.sizes[2:]) if args.vs == "lightly" else None
-    ours, theirs = [], []
-    for r in range(args.rounds):
-        ours.append(time_ours(views, dataset, n, args.batch))
-        if lightly is not None:
-            theirs.append(time_lightly(lightly, dataset, n, args.batch))
-        print(f"round {r}: ours {ours[-1]:.1f} img/s" + (f", lightly {theirs[-1]:.1f} img/s" if theirs else ""))
-    result = {"recipe": args.recipe, "aug": name, "img_size": args.img_size, "views": views.sizes, "n": n,
-                  "img_per_s_per_core": round(max(ours), 1)}  # fmt: skip
-    if theirs:
-        result.update(lightly_img_per_s_per_core=round(max(theirs), 1), ratio=round(max(ours) / max(theirs), 2))
-    return result
+    cases = ALL_RECIPES if args.recipe == "all" else [(args.recipe, args.img_size)]
+    for recipe, _ in cases:
+        if recipe not in METHODS:
+            raise common.UserError(f"unknown --recipe {recipe!r}; choose all or one of {', '.join(METHODS)}")
+    samples = common.ImageFiles(args.data).samples
+    count = args.make_jpegs or args.n
+    samples = samples[:: max(1, len(samples) // count)][:count]  # spread over the classes
+    if args.make_jpegs:  # e.g. ImageNet-style 224 px JPEGs made from CIFAR images, when no such set is at hand
+        samples = common.ImageFiles(make_jpegs(samples, args.side)).samples
+    samples = samples[: args.n]
+    report = {"machine": machine(), "cores": 1, "torch": torch.__version__, "images": len(samples)}
+    report.update(source=args.data, jpegs=f"{args.side}x{args.side} q90" if args.make_jpegs else None, recipes=[])
+    for recipe, size in cases:
+        row = bench_recipe(recipe, size, args, samples)
+        print_row(row)
+        report["recipes"].append(row)
+    return report
 
 
 # ----------------------------------------------------------------------------------------------------------
