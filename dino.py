@@ -60,7 +60,7 @@ def get_args(argv=None):
     p.add_argument("--patch-size", type=int, default=None, help="ViT patch size; default 16, 8 below 160 px, 4 at 64")
     p.add_argument("--workers", type=int, default=8, help="data loading processes per training process")
     p.add_argument("--gpu-aug", action="store_true", help="augment on the training device (workers only decode)")
-    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA and native-bf16 CPUs, else off), bf16, fp16, off")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--subset", type=int, default=0, help="train on a fixed random subset of N images (0: all)")

@@ -132,7 +132,7 @@ def get_args(argv=None):
     )
     p.add_argument("--subset", type=int, default=0, help="train the classifier on N training images (0: all)")
     p.add_argument("--workers", type=int, default=4, help="data loading processes")
-    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, off on CPU), bf16, fp16 or off")
+    p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA and native-bf16 CPUs, else off), bf16, fp16, off")
     p.add_argument("--seed", type=int, default=0, help="random seed (random init, data order)")
     p.add_argument(
         "--out", default=None, help="JSON result file; default: eval.json beside the checkpoint, or eval_random.json"

@@ -15,10 +15,11 @@ torch.set_num_threads(2)
 
 METHODS = [m for m in ("simclr", "byol", "vicreg", "dino", "mae") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 
-# A tiny, fast configuration for end-to-end runs on CPU: ResNet-18 with the ImageNet stem at 32 px, 4 steps an epoch.
+# A tiny, fast configuration for end-to-end runs on CPU: ResNet-18 with the ImageNet stem at 32 px, 4 steps an epoch,
+# in fp32 (--amp auto would pick bf16 on a CPU that has it).
 TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--stem", "imagenet", "--img-size", "32", "--batch", "32",
         "--subset", "128", "--workers", "0", "--optimizer", "adamw", "--lr", "1e-3", "--warmup-epochs", "1",
-        "--log-every", "2", "--knn-every", "2"]  # fmt: skip
+        "--log-every", "2", "--knn-every", "2", "--amp", "off"]  # fmt: skip
 # Small heads keep each method's TINY runs short.
 EXTRA = {
     "simclr": [],
@@ -30,10 +31,11 @@ EXTRA = {
 # Learning runs on synthetic data (ResNet-18, ImageNet stem, 32 px, AdamW, the full SimCLR colour distortion).
 LEARN = ["--dataset", "synthetic", "--arch", "resnet18", "--stem", "imagenet", "--img-size", "32", "--batch", "64",
          "--workers", "2", "--optimizer", "adamw", "--lr", "2e-3", "--wd", "1e-4", "--warmup-epochs", "1",
-         "--aug", "simclr"]  # fmt: skip
+         "--aug", "simclr", "--amp", "off"]  # fmt: skip
 # DINO on the network and recipe of the CIFAR run (ResNet-18 a quarter wide with the CIFAR stem, BatchNorm head,
 # no local crops, SGD), with K 256, EMA 0.9 (solo-learn's CIFAR momentum) and lr 0.3 so that 6 epochs suffice.
-DINO_NET = ["--dataset", "synthetic", "--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--img-size", "32"]
+DINO_NET = ["--dataset", "synthetic", "--arch", "resnet18", "--width", "0.25", "--stem", "cifar", "--img-size", "32",
+            "--amp", "off"]  # fmt: skip
 DINO_LEARN = [*DINO_NET, "--batch", "64", "--workers", "2", "--optimizer", "sgd", "--lr", "0.3", "--wd", "5e-4",
               "--wd-end", "5e-4", "--warmup-epochs", "1", "--aug", "simclr-cifar", "--bn-in-head", "1",
               "--local-crops", "0", "--out-dim", "256", "--ema", "0.9"]  # fmt: skip

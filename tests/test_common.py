@@ -321,3 +321,34 @@ def test_checkpoints_within_an_epoch_every_n_steps_and_after_a_stop_signal():
     finally:
         common.restore_signal_handlers()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_is_bf16_where_the_cpu_has_it_and_the_first_line_says_so(native, monkeypatch, capsys):
+    monkeypatch.setattr(common, "native_bf16", lambda: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert common.amp_dtype(SimpleNamespace(amp="auto"), cpu) == (torch.bfloat16 if native else None)
+    assert common.amp_dtype(SimpleNamespace(amp="auto"), cuda) == torch.bfloat16
+    assert [common.amp_dtype(SimpleNamespace(amp=a), cpu) for a in ("off", "bf16", "fp16")] == [
+        None,
+        torch.bfloat16,
+        torch.float16,
+    ]
+    amp, scaler = common.autocast(SimpleNamespace(amp="auto"), common.Env(cpu))
+    with amp():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+    assert not scaler.is_enabled()
+    common.init(SimpleNamespace(seed=0, amp="auto"))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"1 process(es) on cpu, {'bf16 autocast' if native else 'fp32'} (--amp auto: " + (
+        "native bf16 on this CPU)" if native else "no native bf16 on this CPU)"
+    )
+    common.init(SimpleNamespace(seed=0, amp="off"))
+    assert capsys.readouterr().out.splitlines()[0] == "1 process(es) on cpu, fp32"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="the CPU flags are read from /proc/cpuinfo")
+def test_native_bf16_is_what_the_cpu_flags_say():
+    with open("/proc/cpuinfo") as f:
+        flags = {word for line in f if line.startswith("flags") for word in line.split(":", 1)[1].split()}
+    assert common.native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})

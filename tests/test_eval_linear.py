@@ -102,7 +102,8 @@ def test_dino_probe_features_are_the_last_blocks_cls_tokens_and_mean_patch_token
 
 def test_eval_json_says_what_was_probed_and_how(tmp_path):
     ckpt = fake_run(tmp_path, "dino", arch="vit_tiny")
-    eval_linear.main(["--ckpt", str(ckpt), "--subset", "64", "--epochs", "1", "--lr", "0.1", "--workers", "0"])
+    flags = ["--subset", "64", "--epochs", "1", "--lr", "0.1", "--workers", "0", "--amp", "off"]
+    eval_linear.main(["--ckpt", str(ckpt), *flags])
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["features"] == "the [CLS] tokens of the last 4 blocks" and result["feature_dim"] == 4 * 192
     assert {k: result[k] for k in ("protocol", "optimizer", "epochs", "batch", "warmup_epochs", "bn_head")} == {
@@ -135,7 +136,7 @@ def test_mae_augmented_probe_runs_lars_with_warmup_then_cosine(tmp_path, monkeyp
 
     monkeypatch.setattr(common, "set_lr", record)
     flags = ["--protocol", "augmented", "--subset", 48, "--epochs", 4, "--warmup-epochs", 2, "--workers", 0]
-    eval_linear.main(["--ckpt", str(ckpt), *map(str, flags)])
+    eval_linear.main(["--ckpt", str(ckpt), *map(str, flags), "--amp", "off"])
     peak = 0.1 * 48 / 256
     assert lrs == pytest.approx([0.0, peak / 2, peak, peak * 0.5 * (1 + math.cos(math.pi / 2))])
     assert isinstance(optimizers[0], common.LARS)
@@ -156,7 +157,8 @@ def test_augmented_probe_trains_on_every_image_once_per_epoch_with_that_epochs_d
 
     monkeypatch.setattr(common.Augmented, "__getitem__", record)
     flags = ["--ckpt", "random", "--arch", "resnet18", "--protocol", "augmented", "--subset", 16, "--epochs", 3]
-    eval_linear.main([*map(str, flags), "--batch", "8", "--lr", "0.1", "--workers", "0", "--out", str(tmp_path / "e")])
+    eval_linear.main([*map(str, flags), "--batch", "8", "--lr", "0.1", "--workers", "0", "--amp", "off",
+                      "--out", str(tmp_path / "e")])  # fmt: skip
     drawn = [k for k in keys if isinstance(k, tuple)]  # the center crops of the features are keyed by index only
     assert sorted(drawn) == [(epoch, i) for epoch in range(3) for i in range(16)]
 

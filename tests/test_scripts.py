@@ -203,7 +203,7 @@ def test_torchrun_two_processes(method, tiny, tmp_path):
 def test_eval_linear_on_a_run_and_at_random_init(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
-    proc = run_script("eval_linear.py", "--ckpt", run / "backbone.pt", "--epochs", 5, "--workers", 0)
+    proc = run_script("eval_linear.py", "--ckpt", run / "backbone.pt", "--epochs", 5, "--workers", 0, "--amp", "off")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["arch"] == "resnet18" and result["img_size"] == 32  # read from args.json beside the checkpoint
     assert 0 <= result["linear_top1"] <= 100 and 0 <= result["knn_top1"] <= 100
@@ -223,6 +223,8 @@ def test_eval_linear_on_a_run_and_at_random_init(trained, tmp_path):
         0.1,
         "--workers",
         0,
+        "--amp",
+        "off",
         "--out",
         out,
     )
@@ -276,7 +278,7 @@ def test_simclr_learns_on_synthetic_data(tmp_path):
     train = [*LEARN, "--epochs", 4, "--temperature", 0.2, "--knn-every", 4, "--out", tmp_path]
     run_script("simclr.py", *train, timeout=LEARN_TIMEOUT)
     trained = read_log(tmp_path)[-1]["knn_top1"]
-    flags = [*LEARN[:8], "--workers", 0, "--out", tmp_path / "random.json"]
+    flags = [*LEARN[:8], "--workers", 0, "--amp", "off", "--out", tmp_path / "random.json"]
     random = json.loads(
         run_script("eval_linear.py", "--ckpt", "random", *flags, "--epochs", 1, "--lr", 0.1).stdout.splitlines()[-1]
     )
@@ -287,17 +289,18 @@ def test_simclr_learns_on_synthetic_data(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_docstring_demo_runs(method, tmp_path):
-    """Each script's docstring demo, as written but one epoch on 128 images with the k-NN monitor at its end:
+    """Each script's docstring demo, as written but one epoch on 128 images in fp32 with the k-NN monitor at its end:
     the demo line cannot rot."""
     from test_design import docstring_demo
 
-    short = ["--epochs", 1, "--subset", 128, "--workers", 0, "--knn-every", 1]
+    short = ["--epochs", 1, "--subset", 128, "--workers", 0, "--knn-every", 1, "--amp", "off"]
     run_script(f"{method}.py", *merge_flags(docstring_demo(method), short), "--out", tmp_path)
     assert "knn_top1" in read_log(tmp_path)[-1]
 
 
 def knn_with_data_bn_stats(ckpt, *flags):
-    proc = run_script("eval_linear.py", "--ckpt", ckpt, *flags, "--bn-stats", "data", "--epochs", 1, "--lr", 0.1)
+    proc = run_script("eval_linear.py", "--ckpt", ckpt, *flags, "--bn-stats", "data", "--epochs", 1, "--lr", 0.1,
+                      "--amp", "off")  # fmt: skip
     return json.loads(proc.stdout.splitlines()[-1])["knn_top1"]
 
 
