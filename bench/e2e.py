@@ -1,10 +1,11 @@
 """End to end, SimCLR ResNet-18 on CIFAR-size images: simclr.py against the same training written with lightly.
 
-Both train a ResNet-18 with the CIFAR stem at 32 px on an image folder (its first --steps x --batch images),
-batch 128, projector 512-2048-128, temperature 0.1, SGD, with 2 loader workers, fp32, and report images/s
-over the second half of the steps (after start-up). The lightly side is what a lightly user would write:
-lightly's SimCLRTransform (CIFAR settings: colour strength 0.5, no blur), SimCLRProjectionHead and NTXentLoss,
-torchvision's ResNet-18 given the CIFAR stem, a torchvision ImageFolder and a plain DataLoader.
+Both train the same network, a ResNet-18 with the CIFAR stem at 32 px (full width and a quarter wide, by
+default both), on an image folder (its first --steps x --batch images): batch 128, projector to 2048-128,
+temperature 0.1, SGD, 2 loader workers, the same precision (--amp: fp32 or bf16 autocast), and report images/s
+over the second half of the steps (after start-up). The lightly side is what a lightly user would write: lightly's
+SimCLRTransform (CIFAR settings: colour strength 0.5, no blur), SimCLRProjectionHead and NTXentLoss, a torchvision
+ImageFolder and a plain DataLoader, around the project's ResNet (torchvision's, narrowed for the quarter width).
 
     python bench/e2e.py --data ../shared/data/cifar10-subset --steps 16
 
@@ -12,6 +13,7 @@ The last line printed is JSON. lightly is needed only here (`pip install lightly
 """
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -24,6 +26,9 @@ from torch import nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from speed import machine
+
 import common
 
 
@@ -33,18 +38,20 @@ def get_args(argv=None):
     p.add_argument("--steps", type=int, default=16, help="training steps per side (even); the second half is timed")
     p.add_argument("--batch", type=int, default=128, help="batch size")
     p.add_argument("--workers", type=int, default=2, help="loader workers")
+    p.add_argument("--widths", default="1,0.25", help="ResNet-18 widths to measure, comma-separated")
+    p.add_argument("--amp", default="off", choices=("off", "bf16"), help="both sides: fp32 (off) or bf16 autocast")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds per side; the best counts")
     return p.parse_args(argv)
 
 
-def ours(args):
+def ours(args, width):
     """simclr.py itself on a --subset of steps x batch images for one epoch; images/s from log.jsonl's times."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, os.path.join(ROOT, "simclr.py"), "--dataset", "folder", "--data", args.data,
-               "--subset", str(args.steps * args.batch), "--epochs", "1", "--arch", "resnet18", "--stem", "cifar",
-               "--img-size", "32", "--batch", str(args.batch), "--workers", str(args.workers), "--aug",
-               "simclr-cifar", "--optimizer", "sgd", "--lr", "0.06", "--wd", "5e-4", "--mlp", "2048-128",
-               "--knn-every", "0", "--log-every", str(args.steps // 2), "--out", out]  # fmt: skip
+               "--subset", str(args.steps * args.batch), "--epochs", "1", "--arch", "resnet18", "--width", str(width),
+               "--stem", "cifar", "--img-size", "32", "--batch", str(args.batch), "--workers", str(args.workers),
+               "--aug", "simclr-cifar", "--optimizer", "sgd", "--lr", "0.06", "--wd", "5e-4", "--mlp", "2048-128",
+               "--amp", args.amp, "--knn-every", "0", "--log-every", str(args.steps // 2), "--out", out]  # fmt: skip
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode:
             raise common.UserError(f"simclr.py failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -52,7 +59,7 @@ def ours(args):
     return args.steps // 2 * args.batch / (times[1] - times[0])
 
 
-def lightly_run(args):
+def lightly_run(args, width):
     import torchvision
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
@@ -63,15 +70,16 @@ def lightly_run(args):
     )
     dataset = torch.utils.data.Subset(dataset, torch.randperm(len(dataset))[: args.steps * args.batch].tolist())
     loader = torch.utils.data.DataLoader(dataset, args.batch, shuffle=True, drop_last=True, num_workers=args.workers)
-    resnet = torchvision.models.resnet18()
-    resnet.conv1, resnet.maxpool, resnet.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
-    model = nn.Sequential(resnet, SimCLRProjectionHead(512, 2048, 128))
+    resnet = common.ResNet("resnet18", width, cifar_stem=True)  # torchvision's ResNet-18, its stem made CIFAR's
+    model = nn.Sequential(resnet, SimCLRProjectionHead(resnet.embed_dim, 2048, 128))
     criterion = NTXentLoss(temperature=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.06 * args.batch / 256, momentum=0.9, weight_decay=5e-4)
+    autocast = torch.autocast("cpu", torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
     for step, ((x0, x1), _) in enumerate(loader):
         if step == args.steps // 2:
             start = time.perf_counter()
-        loss = criterion(model(x0), model(x1))
+        with autocast:
+            loss = criterion(model(x0), model(x1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -82,15 +90,18 @@ def lightly_run(args):
 
 def main(argv=None):
     args = get_args(argv)
-    results = {"ours": [], "lightly": []}
-    for r in range(args.rounds):
-        results["ours"].append(ours(args))
-        results["lightly"].append(lightly_run(args))
-        print(f"round {r}: simclr.py {results['ours'][-1]:.1f} img/s, lightly {results['lightly'][-1]:.1f} img/s")
-    best = {k: max(v) for k, v in results.items()}
-    result = {"batch": args.batch, "workers": args.workers, "steps": args.steps}
-    result["simclr_py_img_per_s"], result["lightly_img_per_s"] = round(best["ours"], 1), round(best["lightly"], 1)
-    result["ratio"] = round(best["ours"] / best["lightly"], 2)
+    widths = [float(w) for w in args.widths.split(",")]
+    result = {"machine": machine(), "batch": args.batch, "workers": args.workers, "steps": args.steps}
+    result.update(amp=args.amp, runs=[])
+    for width in widths:
+        best = {"ours": 0.0, "lightly": 0.0}
+        for r in range(args.rounds):
+            best["ours"] = max(best["ours"], mine := ours(args, width))
+            best["lightly"] = max(best["lightly"], theirs := lightly_run(args, width))
+            print(f"width {width} round {r}: simclr.py {mine:.1f} img/s, lightly {theirs:.1f} img/s")
+        run = {"width": width, "simclr_py_img_per_s": round(best["ours"], 1)}
+        run.update(lightly_img_per_s=round(best["lightly"], 1), ratio=round(best["ours"] / best["lightly"], 2))
+        result["runs"].append(run)
     print(json.dumps(result))
 
 
