@@ -347,6 +347,8 @@ class SyntheticTextures(Dataset):
         return self.n
 
     def __getitem__(self, i):
+        if not 0 <= i < len(self):  # iterating the data set ends (an IndexError), as with a list
+            raise IndexError(f"image {i} of {len(self)}")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         label, s = i % 10, self.size
         bg, fg = torch.rand(3, generator=g), torch.rand(3, generator=g)
@@ -430,15 +432,17 @@ class ImageFiles(Dataset):
 
 def decode_image(path, draft_side=0):
     """An image file as a (3, H, W) uint8 tensor (grayscale, palette and RGBA become RGB). A JPEG decoded at full
-    size goes through torchvision.io.decode_jpeg (the same libjpeg-turbo pixels as PIL, about 1.5x as fast); one
-    reduced by draft mode (see ImageFiles) through PIL."""
+    size goes through torchvision.io.decode_jpeg (the same libjpeg-turbo pixels as PIL, about 1.5x as fast;
+    deprecated since torchvision 0.29, so PIL takes over where it is gone); one reduced by draft mode (see
+    ImageFiles) through PIL."""
     from PIL import Image
 
     with Image.open(path) as im:
         full_size = im.size
         if draft_side:
             im.draft("RGB", (draft_side, draft_side))
-        if im.format == "JPEG" and im.size == full_size and im.mode in ("RGB", "L"):
+        full_size_jpeg = im.format == "JPEG" and im.size == full_size and im.mode in ("RGB", "L")
+        if full_size_jpeg and hasattr(torchvision.io, "decode_jpeg"):
             return torchvision.io.decode_jpeg(torchvision.io.read_file(path), torchvision.io.ImageReadMode.RGB)
         return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
 

@@ -41,7 +41,7 @@ CLASSES = {"simclr": "SimCLR", "byol": "BYOL", "vicreg": "VICReg", "dino": "DINO
 # --recipe all: the view sizes users train at (SimCLR also at CIFAR's 32 px)
 ALL_RECIPES = (("simclr", 32), ("simclr", 224), ("byol", 224), ("vicreg", 224), ("mae", 224), ("dino", 224))
 # The full pipeline's stages, as common.py names them: each is timed where the pipeline calls it.
-STAGES = ("decode_image", "draw", "cut_crops", "flip", "to_unit_range", "brightness", "contrast", "saturation",
+STAGES = ("decode_image", "draw", "cut_crops", "flip", "to_float", "brightness", "contrast", "saturation",
           "hue", "random_grayscale", "random_blur", "random_solarize", "to_uint8")  # fmt: skip
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
 
@@ -196,7 +196,9 @@ def stage_breakdown(views, dataset, n, batch):
     try:
         for name, fn in originals.items():
             setattr(common, name, timed(name, seconds, fn))
-        common.color_op = lambda x, factor, which: timed(COLOR_OPS[which], seconds, color_op)(x, factor, which)
+        common.color_op = lambda x, factor, which, **bound: timed(COLOR_OPS[which], seconds, color_op)(
+            x, factor, which, **bound
+        )
         common.Views.draw = timed("draw", seconds, draw)
         total = n / time_ours(views, dataset, n, batch)
     finally:

@@ -140,6 +140,25 @@ def test_jpeg_draft_decodes_at_reduced_size_never_below_the_views(tmp_path):
     assert common.ImageFiles(str(tmp_path), draft_side=150)[0][0].shape == (3, 200, 300)
 
 
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_decoded_jpegs_are_pils_pixels_at_full_size_and_in_draft_mode(mode, tmp_path):
+    """decode_image's faster path (torchvision.io.decode_jpeg for a JPEG decoded at full size) and PIL's draft
+    path both give exactly what PIL's own decode and RGB conversion give."""
+    import numpy as np
+    from PIL import Image
+
+    shape = (120, 90, 3) if mode == "RGB" else (120, 90)
+    Image.fromarray(torch.randint(0, 255, shape, dtype=torch.uint8).numpy()).save(tmp_path / "a.jpg", quality=90)
+    for draft_side in (0, 40):
+        with Image.open(tmp_path / "a.jpg") as im:
+            if draft_side:
+                im.draft("RGB", (draft_side, draft_side))
+            want = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        got = common.decode_image(str(tmp_path / "a.jpg"), draft_side)
+        assert got.shape == ((3, 60, 45) if draft_side else (3, 120, 90))
+        assert torch.equal(got, want)
+
+
 @pytest.mark.slow
 def test_gpu_aug_trains_like_the_worker_path(tmp_path):
     """--gpu-aug renders the same draws in to_device: the first losses match the worker path's closely. Within 3%,
