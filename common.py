@@ -757,7 +757,7 @@ JITTER_BLOCK = 2**18  # values: a block of rows this size stays in a core's L2 c
 
 def color_jitter(x, p, host_p):
     """ColorJitter's four ops in each row's order, block by block (1.5x faster than op by op on a larger chunk)."""
-    block = max(1, JITTER_BLOCK // x[0].numel())
+    block = max(1, JITTER_BLOCK // x[0].numel()) if x.device.type == "cpu" else len(x)  # a GPU takes it all at once
     for start, end, order in jitter_runs(host_p):
         for first in range(start, end, block):
             rows = slice(first, min(first + block, end))
