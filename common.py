@@ -685,9 +685,8 @@ def adjust_hue(x, shift):
     green = torch.eq(v, g, out=torch.empty_like(v)).mul_(1 - red)
     h6 = (g - b).mul_(red)
     h6.add_((b - r).add_(chroma, alpha=2).mul_(green)).add_((r - g).add_(chroma, alpha=4).mul_(1 - red - green))
-    turns = (
-        h6.mul_(inv).add_(6 * shift.view(-1, 1, 1) + 6).mul_(1 / 6)
-    )  # the new hue plus one turn: positive, so frac is the modulo
+    # the new hue in turns, plus one: positive, so frac below is the modulo
+    turns = h6.mul_(inv).add_(6 * shift.view(-1, 1, 1) + 6).mul_(1 / 6)
     k = torch.add(x.new_tensor([5 / 6, 3 / 6, 1 / 6]).view(1, 3, 1, 1), turns[:, None], out=x).frac_().mul_(6)
     k = torch.minimum(k, torch.mul(k, -1).add_(4), out=k).clamp_(0, 1)
     return torch.addcmul(v[:, None], chroma[:, None], k, value=-1, out=k)
@@ -756,7 +755,8 @@ JITTER_BLOCK = 2**18  # values: a block of rows this size stays in a core's L2 c
 
 
 def color_jitter(x, p, host_p):
-    """ColorJitter's four ops in each row's order, block by block (1.5x faster than op by op on a larger chunk)."""
+    """ColorJitter's four ops in each row's order, block by block: on a cache-resident block hue runs 1.5x as fast
+    as on a whole chunk."""
     block = max(1, JITTER_BLOCK // x[0].numel()) if x.device.type == "cpu" else len(x)  # a GPU takes it all at once
     for start, end, order in jitter_runs(host_p):
         for first in range(start, end, block):
