@@ -148,9 +148,9 @@ def time_crops(views, dataset, n, batch):
     start = time.perf_counter()
     for first in range(0, n, batch):
         images, params = zip(*[augmented[(0, i)][0] for i in range(first, min(n, first + batch))])
+        params = torch.stack(params)
         for v, size in enumerate(views.sizes):
-            rows = torch.stack(params)[:, v]
-            common.cut_crops([images[i] for i in range(len(images))], rows, size)
+            common.cut_crops(list(images), params[:, v], size)
     return n / (time.perf_counter() - start)
 
 
