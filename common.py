@@ -848,7 +848,7 @@ class Views:
             rows = params[:, group].transpose(0, 1).reshape(-1, len(FIELDS))  # view-major: (G n, F)
             as_float = normalise or bool(rows[:, COL.noise].any())
             x = torch.empty(len(rows), 3, size, size, device=device, dtype=torch.float32 if as_float else torch.uint8)
-            order = jitter_key(rows).argsort(stable=True)  # one pass of each colour op per jitter order and chunk
+            order = jitter_key(rows).argsort(stable=True)  # colour ops run on contiguous runs of one jitter order
             sorted_rows, taps = rows[order], min(blur_kernel(size), BLUR_TAPS_MAX)
             chunk = max(1, 2**20 // (3 * size * size)) if device.type == "cpu" else len(rows)
             for start in range(0, len(rows), chunk):

@@ -22,6 +22,7 @@ project.
 
 import argparse
 import collections
+import copy
 import functools
 import importlib
 import json
@@ -210,11 +211,12 @@ def stage_breakdown(views, dataset, n, batch):
     return {name: round(1e3 * s / n, 3) for name, s in stages.items()}
 
 
-def bench_recipe(recipe, size, args, samples):
+def bench_recipe(recipe, size, args, images):
+    """One recipe's row: the ceilings, the pipeline, lightly and the stage breakdown on the ImageFiles `images`."""
     name, views = our_recipe(recipe, size, args.local_crops)
-    dataset = common.ImageFiles(args.data, draft_side=max(views.sizes))
-    dataset.samples = samples
-    n = len(samples)
+    dataset = copy.copy(images)
+    dataset.draft_side = max(views.sizes)  # as train_loader decodes for these views
+    n = len(dataset)
     lightly = lightly_transform(recipe, size, views.sizes[2:]) if args.vs == "lightly" else None
     sides = {"decode": time_decode, "decode_crops": time_crops, "ours": time_ours}
     best = dict.fromkeys([*sides, *(["lightly"] if lightly else [])], 0.0)
@@ -251,16 +253,16 @@ def bench_pipeline(args):
     for recipe, _ in cases:
         if recipe not in METHODS:
             raise common.UserError(f"unknown --recipe {recipe!r}; choose all or one of {', '.join(METHODS)}")
-    samples = common.ImageFiles(args.data).samples
+    images = common.ImageFiles(args.data)
     count = args.make_jpegs or args.n
-    samples = samples[:: max(1, len(samples) // count)][:count]  # spread over the classes
+    images.samples = images.samples[:: max(1, len(images) // count)][:count]  # spread over the classes
     if args.make_jpegs:  # e.g. ImageNet-style 224 px JPEGs made from CIFAR images, when no such set is at hand
-        samples = common.ImageFiles(make_jpegs(samples, args.side)).samples
-    samples = samples[: args.n]
-    report = {"machine": machine(), "cores": 1, "torch": torch.__version__, "images": len(samples)}
+        images = common.ImageFiles(make_jpegs(images.samples, args.side))
+    images.samples = images.samples[: args.n]
+    report = {"machine": machine(), "cores": 1, "torch": torch.__version__, "images": len(images)}
     report.update(source=args.data, jpegs=f"{args.side}x{args.side} q90" if args.make_jpegs else None, recipes=[])
     for recipe, size in cases:
-        row = bench_recipe(recipe, size, args, samples)
+        row = bench_recipe(recipe, size, args, images)
         print_row(row)
         report["recipes"].append(row)
     return report
