@@ -60,20 +60,38 @@ def merge_flags(*flag_lists):
     return [word for name, value in merged.items() for word in ([name] if value is None else [name, value])]
 
 
-def run_script(*argv, timeout=600, check=True, torchrun=0):
-    """Run a project script in a subprocess from the repository root; returns the CompletedProcess. On a timeout
-    the whole process group (torchrun and its workers) is killed."""
-    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
-    cmd = (prefix if torchrun else [sys.executable]) + [str(a) for a in argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else "2", "PYTHONWARNINGS": "ignore"}
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+def run_in_group(cmd, threads=2, timeout=600):
+    """Run a command from the repository root in a process group of its own; returns the CompletedProcess. When the
+    command has exited, or after a timeout, whatever is left of the group is killed: loader workers orphaned by a
+    SIGKILLed run would otherwise keep computing while the next run starts. MKL may not shrink its thread count
+    under that load (MKL_DYNAMIC), which would change the summation order of a CPU run."""
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(threads),
                           start_new_session=True) as child:  # fmt: skip
         try:
             out, err = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            raise AssertionError(f"{argv} did not finish in {timeout} s") from None
-    proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
+            raise AssertionError(f"{cmd[1:]} did not finish in {timeout} s") from None
+        finally:
+            kill_group(child.pid)
+    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+
+
+def script_env(threads=2):
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_DYNAMIC": "FALSE", "PYTHONWARNINGS": "ignore"}
+
+
+def kill_group(group):
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:  # nothing left
+        pass
+
+
+def run_script(*argv, timeout=600, check=True, torchrun=0):
+    """Run a project script in a subprocess from the repository root; returns the CompletedProcess."""
+    prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
+    cmd = (prefix if torchrun else [sys.executable]) + [str(a) for a in argv]
+    proc = run_in_group(cmd, threads=1 if torchrun else 2, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -99,9 +117,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def kill_during_save(argv, nth):
     """Run a script that is killed (SIGKILL) half-way through its nth torch.save; returns the CompletedProcess."""
-    cmd = [sys.executable, "-c", _KILL_DURING_SAVE, str(nth), *map(str, argv)]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    proc = run_in_group([sys.executable, "-c", _KILL_DURING_SAVE, str(nth), *map(str, argv)])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return proc
 

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,11 @@ from conftest import (
     METHODS,
     ROOT,
     kill_during_save,
+    kill_group,
     merge_flags,
+    run_in_group,
     run_script,
+    script_env,
 )
 
 import common
@@ -44,10 +46,11 @@ def kill_after_first_checkpoint(argv):
     """Start a run, SIGKILL it as soon as its first checkpoint exists (the next epoch may be under way)."""
     out = argv[argv.index("--out") + 1]
     cmd = [sys.executable, *[str(a) for a in argv]]
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as child:
+    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env(),
+                          start_new_session=True) as child:  # fmt: skip
         while not os.path.exists(os.path.join(out, "checkpoint.pt")) and child.poll() is None:
             time.sleep(0.02)
-        child.kill()
+        kill_group(child.pid)
     assert os.path.exists(os.path.join(out, "checkpoint.pt"))
 
 
@@ -126,16 +129,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def sigterm_at_step(argv, step):
     """Run a script in a process group of its own that is sent SIGTERM at `step`; returns the CompletedProcess."""
-    cmd = [sys.executable, "-c", _SIGTERM_AT_STEP, str(step), *map(str, argv)]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"}
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          start_new_session=True) as child:  # fmt: skip
-        try:
-            out, err = child.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
-            raise AssertionError(f"{argv} did not finish in 600 s") from None
-    return subprocess.CompletedProcess(cmd, child.returncode, out, err)
+    return run_in_group([sys.executable, "-c", _SIGTERM_AT_STEP, str(step), *map(str, argv)])
 
 
 # SimCLR and DINO, 4 steps an epoch logged every 2, --ckpt-every 5, with 0 and 2 loader workers: SIGTERM at step 3
