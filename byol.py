@@ -61,6 +61,13 @@ def get_args(argv=None):
     p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
     p.add_argument(
+        "--online-probe",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="1: train a linear classifier on the detached features alongside, when the data set has labels",
+    )
+    p.add_argument(
         "--ckpt-every", type=int, default=0, help="also write the checkpoint every N steps (0: at epoch ends only)"
     )
     p.add_argument(
@@ -89,7 +96,8 @@ def get_args(argv=None):
     p.add_argument("--wd", type=float, default=1.5e-6, help="weight decay")
     p.add_argument("--warmup-epochs", type=float, default=10, help="linear warmup epochs")
     p.add_argument("--aug", default="byol", help="augmentation recipe (common.RECIPES)")
-    p.add_argument("--ema", type=float, default=0.996, help="base target EMA momentum, raised to 1 by a cosine")
+    p.add_argument("--ema", type=float, default=0.996, help="target EMA momentum, cosine to 1 (0: SimSiam's form)")
+    p.add_argument("--predictor", type=int, default=1, choices=[0, 1], help="0: no predictor (an ablation)")
     p.add_argument("--mlp", default="4096-256", help="projector and predictor widths (the last is the embedding)")
     return common.parse_args(p, argv)
 
@@ -121,15 +129,20 @@ class BYOL(nn.Module):
         self.backbone = common.build_backbone(args)
         dim = self.backbone.embed_dim
         self.projector = mlp(dim, [int(w) for w in args.mlp.split("-")])
-        self.predictor = mlp(int(args.mlp.split("-")[-1]), [int(w) for w in args.mlp.split("-")])
-        self.target = nn.Sequential(common.build_backbone(args), mlp(dim, [int(w) for w in args.mlp.split("-")]))
-        self.target.requires_grad_(False)  # its own random init (the official code), then an EMA; BN buffers too
+        predictor = mlp(int(args.mlp.split("-")[-1]), [int(w) for w in args.mlp.split("-")])
+        self.predictor = predictor if args.predictor else nn.Identity()
+        self.target = None  # --ema 0: the online network is its own target
+        if args.ema:
+            self.target = nn.Sequential(common.build_backbone(args), mlp(dim, [int(w) for w in args.mlp.split("-")]))
+            self.target.requires_grad_(False)  # its own random init (the official code), then an EMA; BN buffers too
 
     def forward(self, views):
-        p1, p2 = (self.predictor(self.projector(self.backbone(v))) for v in views)
-        with torch.no_grad():
-            z1, z2 = (self.target(v) for v in views)
-        loss = byol_loss(p1, p2, z1, z2)
+        z1, z2 = (self.projector(self.backbone(v)) for v in views)
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        if self.target is not None:
+            with torch.no_grad():
+                z1, z2 = (self.target(v) for v in views)
+        loss = byol_loss(p1, p2, z1, z2)  # the targets z under stop-gradient
         return loss, {}
 
 
@@ -152,7 +165,8 @@ def main(argv=None):
     steps_per_epoch = len(loader)
     total_steps = common.training_steps(args, steps_per_epoch, flops)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler, steps_per_epoch)
+    probe = common.OnlineProbe(backbone, args, env, total_steps)  # a linear classifier on detached features
+    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler, steps_per_epoch, probe)
     common.write_args(args, env)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     log = common.TrainLog(args, env, flops, step, saved_log)
@@ -161,7 +175,7 @@ def main(argv=None):
         model.train()
         # the shuffle and every augmentation: functions of (seed, epoch, index); a resumed epoch skips what it trained
         loader.sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
-        for views, _ in log.progress(loader, epoch):
+        for views, labels in log.progress(loader, epoch):
             lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr)
             common.set_lr(optimizer, lr)
             if args.gpu_aug:  # the workers only decoded: crops, colour and blur run on the training device
@@ -174,21 +188,27 @@ def main(argv=None):
             scaler.step(optimizer)
             scaler.update()
             tau = 1 - common.cosine_schedule(step, total_steps, 0, 1 - args.ema)  # METHOD: EMA momentum 0.996 -> 1
-            common.ema_update(net.target, [net.backbone, net.projector], tau)  # METHOD:
+            if net.target is not None:  # METHOD:
+                common.ema_update(net.target, [net.backbone, net.projector], tau)  # METHOD:
+            online = probe.step(views, labels, step)  # trains on this step's features; the backbone never sees it
             step += 1
-            log.add(loss, scalars)
+            log.add(loss, scalars, online)
             if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
                 mean_loss = log.write_interval(epoch, step, lr)  # the loop's only host sync
                 common.check_finite(mean_loss, step)
             if step == total_steps:  # the last step a --budget-flops run pays for
                 break
             if preemption.checkpoint_due(step):  # every --ckpt-every steps, and after SIGTERM or SIGUSR1
-                common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch)
+                common.save_checkpoint(
+                    args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch, probe
+                )
                 preemption.stop_if_signalled(step)
-        knn = common.knn_monitor(backbone, args, env, epoch, epochs)
+        knn = common.knn_monitor(backbone, args, env, epoch, epochs, probe)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         # a resume starts the next epoch
-        common.save_checkpoint(args, env, epoch + 1, step, net, optimizer, scaler, backbone, log, steps_per_epoch)
+        common.save_checkpoint(
+            args, env, epoch + 1, step, net, optimizer, scaler, backbone, log, steps_per_epoch, probe
+        )
         preemption.stop_if_signalled(step)
     log.finish(step)
 

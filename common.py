@@ -338,7 +338,7 @@ class SyntheticTextures(Dataset):
     every class looks like itself after a flip or a crop, so the label survives augmentation while colour (which
     dominates a random network's features) carries none. Image i is a pure function of (seed, i): no files."""
 
-    labelled = True
+    labelled, num_classes = True, 10
 
     def __init__(self, n, size, seed):
         self.n, self.size, self.seed = n, size, seed
@@ -386,6 +386,7 @@ class ArrayImages(Dataset):
 
     def __init__(self, data, labels, channels_last, labelled=True):
         self.data, self.labels, self.channels_last, self.labelled = data, labels, channels_last, labelled
+        self.num_classes = int(np.max(labels)) + 1
 
     def __len__(self):
         return len(self.data)
@@ -405,7 +406,7 @@ class ImageFiles(Dataset):
         self.root, self.draft_side = root, draft_side
         found = sorted(d.name for d in os.scandir(root) if d.is_dir())
         self.classes = classes if classes is not None else found
-        self.labelled = bool(self.classes)
+        self.labelled, self.num_classes = bool(self.classes), len(self.classes)
         self.samples = [
             (os.path.join(root, f), -1) for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS)
         ]
@@ -1301,10 +1302,10 @@ class Preemption:
             raise Preempted(f"stopped by {name} after step {step}: {self.path} is written; the same command resumes")
 
 
-def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch):
-    """checkpoint.pt (everything to resume: the model, optimizer, GradScaler, every process's RNG state and log
-    interval, the run's arguments, steps per epoch and process count) and `backbone` as backbone.pt, both written
-    atomically. `epoch` is the epoch a resume starts in: the current one within an epoch (the resume skips the
+def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch, probe):
+    """checkpoint.pt (everything to resume: the model, optimizer, GradScaler, the online probe, every process's RNG
+    state and log interval, the run's arguments, steps per epoch and process count) and `backbone` as backbone.pt,
+    both written atomically. `epoch` is the epoch a resume starts in: the current one within an epoch (the resume skips the
     batches it trained), the next one at its end. A non-finite loss since the last logged interval stops the run
     here, keeping the last good checkpoint."""
     if log.count:  # within an interval: its losses were not checked yet (one host sync per checkpoint)
@@ -1331,12 +1332,13 @@ def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, lo
         "args": vars(args),
     }
     state.update(model=net.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+    state["online_probe"] = probe.state_dict()
     atomic_save(state, os.path.join(args.out, "checkpoint.pt"))
     atomic_save(backbone.state_dict(), os.path.join(args.out, "backbone.pt"))
 
 
 # What a resume may change: how the run is fed, watched and checkpointed, never what it trains.
-RESUMABLE_CHANGES = ("workers", "log_every", "knn_every", "ckpt_every", "compile", "out", "recon")
+RESUMABLE_CHANGES = ("workers", "log_every", "knn_every", "online_probe", "ckpt_every", "compile", "out", "recon")
 
 
 class Resumed(NamedTuple):
@@ -1390,9 +1392,9 @@ def remove_half_written(out, env):
             os.remove(os.path.join(out, name))
 
 
-def resume(args, env, net, optimizer, scaler, steps_per_epoch):
-    """Load checkpoint.pt from --out if there is one into the model, optimizer, GradScaler and RNGs, refusing
-    another method's run, any change to what is trained (refuse_changed_run) or to the training set
+def resume(args, env, net, optimizer, scaler, steps_per_epoch, probe):
+    """Load checkpoint.pt from --out if there is one into the model, optimizer, GradScaler, online probe and RNGs,
+    refusing another method's run, any change to what is trained (refuse_changed_run) or to the training set
     (refuse_changed_data); the changes a resume may make are printed and appended to resumes.jsonl. Returns
     Resumed: (0, 0, None) for a new run."""
     path = os.path.join(args.out, "checkpoint.pt")
@@ -1414,6 +1416,7 @@ def resume(args, env, net, optimizer, scaler, steps_per_epoch):
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
+    probe.load_state_dict(state.get("online_probe"))
     same_world = len(state["rng"]) == env.world  # another process count: fresh seeds, and an epoch end's empty log
     if same_world:
         rng = state["rng"][env.rank]
@@ -1469,17 +1472,21 @@ def truncate_log(path, step):
     return kept
 
 
+SUMMARY_KEYS = ("knn_top1", "online_top1")  # the monitors' last values, for summary.json
+
+
 class TrainLog:
     """log.jsonl on rank 0 and a tqdm bar per epoch, continued at `step`: the records a killed run logged after its
     last checkpoint are dropped, and `saved` (the checkpoint's state()) continues the interval it was in, so the
-    log of a resumed run reads as the log of one uninterrupted run. Losses accumulate on the device (add); the host
-    reads them only when an interval is written (write_interval), so the training loop never waits for the device
-    within an interval. Each record carries the training wall time so far ("time", seconds, summed over resumed
+    log of a resumed run reads as the log of one uninterrupted run. Losses (and the values to average over an
+    interval, such as the online probe's training accuracy) accumulate on the device (add); the host reads them only
+    when an interval is written (write_interval), so the training loop never waits for the device within an
+    interval. Each record carries the training wall time so far ("time", seconds, summed over resumed
     runs); finish() writes summary.json."""
 
     def __init__(self, args, env, flops_per_step, step, saved=None):
         self.args, self.env, self.flops_per_step = args, env, flops_per_step
-        self.bar, self.loss_sum, self.scalars, self.count = None, 0.0, {}, 0
+        self.bar, self.loss_sum, self.scalars, self.sums, self.count = None, 0.0, {}, {}, 0
         self.path = os.path.join(args.out, "log.jsonl")
         records = truncate_log(self.path, step) if env.main else []
         self.tick = time.perf_counter()
@@ -1488,17 +1495,20 @@ class TrainLog:
             on_device = {name: value.to(env.device) for name, value in saved["scalars"].items()}
             loss_sum = saved["loss_sum"].to(env.device) if saved["count"] else 0.0
             self.loss_sum, self.count, self.scalars = loss_sum, saved["count"], on_device
+            self.sums = {name: value.to(env.device) for name, value in saved.get("sums", {}).items()}
             self.tick, self.elapsed = self.tick - saved["interval_s"], saved["elapsed"]
         self.start = time.perf_counter() - self.elapsed
-        self.knn_top1 = next((r["knn_top1"] for r in reversed(records) if "knn_top1" in r), None)
+        self.last = {key: next((r[key] for r in reversed(records) if key in r), None) for key in SUMMARY_KEYS}
 
     def state(self):
-        """The unfinished interval (the losses summed on the device, their count, the last step's scalars, its
-        seconds so far) and the training wall time, for a checkpoint."""
+        """The unfinished interval (the losses and averaged values summed on the device, their count, the last step's
+        scalars, its seconds so far) and the training wall time, for a checkpoint."""
         now = time.perf_counter()
         on_cpu = {name: torch.as_tensor(value).detach().cpu() for name, value in self.scalars.items()}
+        sums = {name: value.cpu() for name, value in self.sums.items()}
         loss_sum = self.loss_sum.cpu() if self.count else 0.0  # on the CPU, to be gathered from every process
-        interval = {"loss_sum": loss_sum, "count": self.count, "scalars": on_cpu, "interval_s": now - self.tick}
+        interval = {"loss_sum": loss_sum, "count": self.count, "scalars": on_cpu, "sums": sums}
+        interval["interval_s"] = now - self.tick
         return {**interval, "elapsed": now - self.start}
 
     def progress(self, loader, epoch):
@@ -1506,26 +1516,30 @@ class TrainLog:
         self.bar = tqdm(loader, desc=f"epoch {epoch}", disable=not self.env.main, leave=False, dynamic_ncols=True)
         return self.bar
 
-    def add(self, loss, scalars):
-        """Accumulate one step's loss on the device (no host sync); keep the step's method scalars."""
+    def add(self, loss, scalars, averaged=None):
+        """Accumulate one step's loss and `averaged` values on the device (no host sync); keep the step's method
+        scalars."""
         self.loss_sum, self.count, self.scalars = self.loss_sum + loss.detach(), self.count + 1, scalars
+        for name, value in (averaged or {}).items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach()
 
     def write_interval(self, epoch, step, lr):
-        """Write the interval's record (mean loss, lr, images/s, FLOPs so far, the last step's scalars) and return
-        its mean loss: the loop's only host sync, once per interval."""
+        """Write the interval's record (mean loss, lr, images/s, FLOPs so far, the last step's scalars, the averaged
+        values' means) and return its mean loss: the loop's only host sync, once per interval."""
         mean_loss = float(self.loss_sum) / self.count
         now = time.perf_counter()
         img_per_s = self.count * self.args.batch / (now - self.tick)
         record = {"epoch": epoch, "step": step, "loss": mean_loss, "lr": lr, "img_per_s": img_per_s}
         record.update(flops=step * self.flops_per_step, **{k: float(v) for k, v in self.scalars.items()})
-        self.tick, self.loss_sum, self.count = now, 0.0, 0
+        record.update({name: float(total) / self.count for name, total in self.sums.items()})
+        self.tick, self.loss_sum, self.sums, self.count = now, 0.0, {}, 0
         self.write(record)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{img_per_s:.0f}")
         return mean_loss
 
     def write(self, record):
-        self.knn_top1 = record.get("knn_top1", self.knn_top1)
+        self.last.update({key: record[key] for key in SUMMARY_KEYS if key in record})
         self.elapsed = round(time.perf_counter() - self.start, 3)
         if self.env.main:
             with open(self.path, "a") as f:
@@ -1541,7 +1555,7 @@ class TrainLog:
             "flops": step * self.flops_per_step,
             "steps": step,
         }
-        summary.update(images_seen=step * self.args.batch, wall_time_s=self.elapsed, knn_top1=self.knn_top1)
+        summary.update(images_seen=step * self.args.batch, wall_time_s=self.elapsed, **self.last)
         write_json(os.path.join(self.args.out, "summary.json"), summary)
 
 
@@ -1627,20 +1641,105 @@ def split_features(backbone, splits, args, env):
     return [t for ds in splits for t in extract_features(backbone, Augmented(ds, transform), args, env)]
 
 
-def knn_eval(backbone, args, env, ks=(20, 200)):
-    """k-NN top-1 (%) of the backbone on the test split with the training split as memory; None if unlabelled."""
-    splits = labelled_splits(args)
-    return None if splits is None else knn_accuracy(*split_features(backbone, splits, args, env), ks)
-
-
-def knn_monitor(backbone, args, env, epoch, epochs):
-    """k-NN top-1 every --knn-every epochs and after the last of `epochs`; {} otherwise or without labels."""
+def knn_monitor(backbone, args, env, epoch, epochs, probe):
+    """k-NN top-1 and the online probe's top-1 (on the same test features) every --knn-every epochs and after the
+    last of `epochs`; {} otherwise or without labels."""
     last = epoch + 1 == epochs
     if not args.knn_every or ((epoch + 1) % args.knn_every and not last):
         return {}
-    knn = knn_eval(backbone, args, env)
-    if knn and env.main:
-        print(f"epoch {epoch}: k-NN top-1 {knn['knn_top1']:.2f}")
-    elif env.main and last:
-        print("k-NN monitor skipped: the data set has no labelled train/ and val/ (or test/)")
-    return knn or {}
+    splits = labelled_splits(args)
+    if splits is None:
+        if env.main and last:
+            print("k-NN monitor skipped: the data set has no labelled train/ and val/ (or test/)")
+        return {}
+    train_f, train_l, test_f, test_l = split_features(backbone, splits, args, env)
+    results = {**knn_accuracy(train_f, train_l, test_f, test_l), **probe.evaluate(test_f, test_l)}
+    if env.main:
+        online = f", online linear top-1 {results['online_top1']:.2f}" if "online_top1" in results else ""
+        print(f"epoch {epoch}: k-NN top-1 {results['knn_top1']:.2f}{online}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The online linear probe: a classifier trained alongside pretraining on the backbone's detached features.
+
+PROBE_LR = 0.1  # per 256 images: SGD with momentum 0.9, no weight decay, a cosine over the run (solo-learn, lightly)
+
+
+class OnlineProbe:
+    """The online linear probe (SimCLR App. B.6, BYOL's online classifier, solo-learn, Garrido et al.): a linear
+    classifier on the detached backbone features of every batch's first view, trained with an optimizer of its own
+    while the method trains, and scored on the test split whenever the k-NN monitor runs (`online_top1`).
+
+    It never changes the backbone's training. It reads the features the backbone computes anyway, through a
+    forward hook that keeps the first training-mode call of each step (the first rows are the first view); only
+    where the backbone never runs on whole images (MAE's encoder sees the visible patches) does it compute them,
+    in one no-grad forward in eval mode. Its weights start at zero, so it draws no random numbers; its gradients
+    reach nothing else; its FLOPs are not counted in the run's. Under DDP its gradients are averaged over the
+    processes. Off, and every method a no-op, with --online-probe 0 or when the data set has no labelled splits
+    (unlabelled training images, label -1, are ignored)."""
+
+    def __init__(self, backbone, args, env, total_steps):
+        splits = labelled_splits(args) if args.online_probe else None
+        self.enabled, self.features = splits is not None, None
+        if not self.enabled:
+            return
+        self.backbone, self.args, self.env, self.total_steps = backbone, args, env, total_steps
+        # skip_init: nn.Linear's own init would draw from the global RNG, which MAE's masks and DINO's drop-path use
+        self.head = nn.utils.skip_init(nn.Linear, backbone.embed_dim, splits[0].num_classes, device=env.device)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.peak_lr = PROBE_LR * args.batch / 256
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=self.peak_lr, momentum=0.9)
+        backbone.register_forward_hook(self.keep_first_call)
+
+    def keep_first_call(self, module, inputs, output):
+        if module.training and self.features is None:
+            self.features = output.detach()
+
+    def step(self, views, labels, step):
+        """One SGD step of the classifier on this step's features; returns {"online_train_top1": %} (on the device:
+        the log averages it over the interval), {} when off."""
+        if not self.enabled:
+            return {}
+        features = self.features if self.features is not None else self.whole_image_features(views[0])
+        self.features = None
+        labels = labels.to(self.env.device, non_blocking=True)
+        logits = self.head(features[: len(labels)].float())
+        loss = F.cross_entropy(logits, labels, ignore_index=-1)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.env.world > 1:
+            for p in self.head.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= self.env.world
+        set_lr(self.optimizer, cosine_schedule(step, self.total_steps, 0, self.peak_lr))
+        self.optimizer.step()
+        known = labels >= 0
+        correct = (logits.argmax(1) == labels) & known
+        return {"online_train_top1": 100.0 * correct.sum() / known.sum().clamp(min=1)}
+
+    @torch.no_grad()
+    def whole_image_features(self, images):
+        amp, _ = autocast(self.args, self.env)
+        self.backbone.eval()
+        with amp():
+            features = self.backbone(images)
+        self.backbone.train()
+        return features
+
+    @torch.no_grad()
+    def evaluate(self, test_features, test_labels):
+        """{"online_top1": top-1 % on the test split's features}, {} when off."""
+        if not self.enabled:
+            return {}
+        predictions = self.head(test_features.float()).argmax(1)
+        return {"online_top1": 100.0 * (predictions == test_labels).float().mean().item()}
+
+    def state_dict(self):
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()} if self.enabled else None
+
+    def load_state_dict(self, state):
+        if self.enabled and state is not None:
+            self.head.load_state_dict(state["head"])
+            self.optimizer.load_state_dict(state["optimizer"])

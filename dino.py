@@ -67,6 +67,13 @@ def get_args(argv=None):
     p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
     p.add_argument(
+        "--online-probe",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="1: train a linear classifier on the detached features alongside, when the data set has labels",
+    )
+    p.add_argument(
         "--ckpt-every", type=int, default=0, help="also write the checkpoint every N steps (0: at epoch ends only)"
     )
     p.add_argument(
@@ -208,7 +215,8 @@ def main(argv=None):
     steps_per_epoch = len(loader)
     total_steps = common.training_steps(args, steps_per_epoch, flops)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler, steps_per_epoch)
+    probe = common.OnlineProbe(backbone, args, env, total_steps)  # a linear classifier on detached features
+    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler, steps_per_epoch, probe)
     common.write_args(args, env)
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     log = common.TrainLog(args, env, flops, step, saved_log)
@@ -218,7 +226,7 @@ def main(argv=None):
         # the shuffle and every augmentation: functions of (seed, epoch, index); a resumed epoch skips what it trained
         loader.sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
         net.teacher_temp = teacher_temperature(args, epoch)  # METHOD:
-        for views, _ in log.progress(loader, epoch):
+        for views, labels in log.progress(loader, epoch):
             lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr, 1e-6)  # METHOD: min lr 1e-6
             wd = common.cosine_schedule(step, total_steps, 0, args.wd, args.wd_end)  # METHOD: 0.04 -> 0.4
             optimizer.param_groups[0]["weight_decay"] = wd  # METHOD: group 0 holds the decayed weights
@@ -240,20 +248,25 @@ def main(argv=None):
             scaler.update()
             tau = 1 - common.cosine_schedule(step, total_steps, 0, 1 - args.ema)  # METHOD: EMA momentum 0.996 -> 1
             common.ema_update(net.teacher, [net.backbone, net.head], tau)  # METHOD:
+            online = probe.step(views, labels, step)  # trains on this step's features; the backbone never sees it
             step += 1
-            log.add(loss, scalars)
+            log.add(loss, scalars, online)
             if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
                 mean_loss = log.write_interval(epoch, step, lr)  # the loop's only host sync
                 common.check_finite(mean_loss, step)
             if step == total_steps:  # the last step a --budget-flops run pays for
                 break
             if preemption.checkpoint_due(step):  # every --ckpt-every steps, and after SIGTERM or SIGUSR1
-                common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch)
+                common.save_checkpoint(
+                    args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch, probe
+                )
                 preemption.stop_if_signalled(step)
-        knn = common.knn_monitor(backbone, args, env, epoch, epochs)
+        knn = common.knn_monitor(backbone, args, env, epoch, epochs, probe)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         # a resume starts the next epoch
-        common.save_checkpoint(args, env, epoch + 1, step, net, optimizer, scaler, backbone, log, steps_per_epoch)
+        common.save_checkpoint(
+            args, env, epoch + 1, step, net, optimizer, scaler, backbone, log, steps_per_epoch, probe
+        )
         preemption.stop_if_signalled(step)
     log.finish(step)
 

@@ -51,6 +51,13 @@ def get_args(argv=None):
     p.add_argument("--knn-every", type=int, default=10, help="k-NN monitor every E epochs and at the end (0: never)")
     p.add_argument("--log-every", type=int, default=50, help="write log.jsonl every N steps")
     p.add_argument(
+        "--online-probe",
+        type=int,
+        default=1,
+        choices=[0, 1],
+        help="1: train a linear classifier on the detached features alongside, when the data set has labels",
+    )
+    p.add_argument(
         "--ckpt-every", type=int, default=0, help="also write the checkpoint every N steps (0: at epoch ends only)"
     )
     p.add_argument(
@@ -210,7 +217,8 @@ def main(argv=None):
     steps_per_epoch = len(loader)
     total_steps = common.training_steps(args, steps_per_epoch, flops)
     epochs = math.ceil(total_steps / steps_per_epoch)
-    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler, steps_per_epoch)
+    probe = common.OnlineProbe(backbone, args, env, total_steps)  # a linear classifier on detached features
+    start_epoch, step, saved_log = common.resume(args, env, net, optimizer, scaler, steps_per_epoch, probe)
     common.write_args(args, env)
     if args.recon:  # METHOD: on demand
         return save_reconstruction(net, loader.dataset.base, args, env)  # METHOD:
@@ -221,7 +229,7 @@ def main(argv=None):
         model.train()
         # the shuffle and every augmentation: functions of (seed, epoch, index); a resumed epoch skips what it trained
         loader.sampler.set_epoch(epoch, skip_batches=step - epoch * steps_per_epoch)
-        for views, _ in log.progress(loader, epoch):
+        for views, labels in log.progress(loader, epoch):
             lr = common.cosine_schedule(step, total_steps, warmup_steps, peak_lr)
             common.set_lr(optimizer, lr)
             if args.gpu_aug:  # the workers only decoded: crops, colour and blur run on the training device
@@ -233,20 +241,25 @@ def main(argv=None):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            online = probe.step(views, labels, step)  # trains on this step's features; the backbone never sees it
             step += 1
-            log.add(loss, scalars)
+            log.add(loss, scalars, online)
             if step % args.log_every == 0 or step % steps_per_epoch == 0 or step == total_steps:
                 mean_loss = log.write_interval(epoch, step, lr)  # the loop's only host sync
                 common.check_finite(mean_loss, step)
             if step == total_steps:  # the last step a --budget-flops run pays for
                 break
             if preemption.checkpoint_due(step):  # every --ckpt-every steps, and after SIGTERM or SIGUSR1
-                common.save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch)
+                common.save_checkpoint(
+                    args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch, probe
+                )
                 preemption.stop_if_signalled(step)
-        knn = common.knn_monitor(backbone, args, env, epoch, epochs)
+        knn = common.knn_monitor(backbone, args, env, epoch, epochs, probe)
         log.write({"epoch": epoch, "step": step, "flops": step * flops, **knn})
         # a resume starts the next epoch
-        common.save_checkpoint(args, env, epoch + 1, step, net, optimizer, scaler, backbone, log, steps_per_epoch)
+        common.save_checkpoint(
+            args, env, epoch + 1, step, net, optimizer, scaler, backbone, log, steps_per_epoch, probe
+        )
         preemption.stop_if_signalled(step)
         save_reconstruction(net, loader.dataset.base, args, env)  # METHOD: recon.png
     log.finish(step)

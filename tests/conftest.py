@@ -60,13 +60,17 @@ def merge_flags(*flag_lists):
     return [word for name, value in merged.items() for word in ([name] if value is None else [name, value])]
 
 
+# Intra-op threads of the runs a test compares bit for bit. With 2, about 1 run in 3 of a resumed SimCLR run with 2
+# loader workers ended a last bit away from the uninterrupted one on an AVX-512 Xeon (0 in 7 with 1 thread).
+EXACT = 1
+
+
 def run_in_group(cmd, threads=2, timeout=600):
-    """Run a command from the repository root in a process group of its own; returns the CompletedProcess. When the
-    command has exited, or after a timeout, whatever is left of the group is killed: loader workers orphaned by a
-    SIGKILLed run would otherwise keep computing while the next run starts. MKL may not shrink its thread count
-    under that load (MKL_DYNAMIC), which would change the summation order of a CPU run."""
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=script_env(threads),
-                          start_new_session=True) as child:  # fmt: skip
+    """Run a command from the repository root in a process group of its own, on `threads` intra-op threads; returns
+    the CompletedProcess. When the command has exited, or after a timeout, whatever is left of the group is killed:
+    the loader workers of a SIGKILLed run would otherwise keep computing while the next run starts."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    with subprocess.Popen(cmd, cwd=ROOT, env=script_env(threads), start_new_session=True, **pipes) as child:
         try:
             out, err = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -77,6 +81,7 @@ def run_in_group(cmd, threads=2, timeout=600):
 
 
 def script_env(threads=2):
+    """The environment of a script run: its thread count, MKL's fixed (MKL_DYNAMIC would lower it under load)."""
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_DYNAMIC": "FALSE", "PYTHONWARNINGS": "ignore"}
 
 
@@ -87,11 +92,12 @@ def kill_group(group):
         pass
 
 
-def run_script(*argv, timeout=600, check=True, torchrun=0):
-    """Run a project script in a subprocess from the repository root; returns the CompletedProcess."""
+def run_script(*argv, timeout=600, check=True, torchrun=0, threads=2):
+    """Run a project script in a subprocess from the repository root; returns the CompletedProcess. Each torchrun
+    process gets one thread."""
     prefix = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(torchrun)]
     cmd = (prefix if torchrun else [sys.executable]) + [str(a) for a in argv]
-    proc = run_in_group(cmd, threads=1 if torchrun else 2, timeout=timeout)
+    proc = run_in_group(cmd, threads=1 if torchrun else threads, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{argv} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -115,9 +121,9 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def kill_during_save(argv, nth):
+def kill_during_save(argv, nth, threads=2):
     """Run a script that is killed (SIGKILL) half-way through its nth torch.save; returns the CompletedProcess."""
-    proc = run_in_group([sys.executable, "-c", _KILL_DURING_SAVE, str(nth), *map(str, argv)])
+    proc = run_in_group([sys.executable, "-c", _KILL_DURING_SAVE, str(nth), *map(str, argv)], threads)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return proc
 

@@ -74,3 +74,42 @@ def test_ema_momentum_schedule_first_and_last_step():
     assert tau(0, 1000, 0.996) == pytest.approx(0.996)
     assert tau(500, 1000, 0.996) == pytest.approx(0.998)
     assert tau(1000, 1000, 0.996) == pytest.approx(1.0)
+
+
+def test_ema_0_is_simsiams_form_the_online_projections_under_stop_gradient():
+    """--ema 0: no target network; the targets are the online network's own projections, which pass no gradient
+    (checked against a reference whose targets come from a no-grad forward of the same modules)."""
+    args = byol.get_args(
+        ["--arch", "resnet18", "--stem", "imagenet", "--img-size", "32", "--mlp", "32-16", "--ema", "0"]
+    )
+    torch.manual_seed(0)
+    net = byol.BYOL(args).eval()  # running statistics: both forwards see the same BatchNorm
+    assert net.target is None and not any(k.startswith("target.") for k in net.state_dict())
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    loss, _ = net(views)
+    loss.backward()
+    grads = [p.grad.clone() for p in net.backbone.parameters()]
+    net.zero_grad()
+    with torch.no_grad():
+        z1, z2 = (net.projector(net.backbone(v)) for v in views)
+    p1, p2 = (net.predictor(net.projector(net.backbone(v))) for v in views)
+    reference = byol_loss_loop(p1.detach(), p2.detach(), z1, z2)
+    assert loss.item() == pytest.approx(reference, rel=1e-5)
+    byol.byol_loss(p1, p2, z1, z2).backward()
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, net.backbone.parameters(), strict=True))
+
+
+def test_predictor_0_predicts_with_the_projection_itself():
+    args = byol.get_args(["--arch", "resnet18", "--stem", "imagenet", "--img-size", "32", "--mlp", "32-16"])
+    no_predictor = byol.get_args(["--arch", "resnet18", "--stem", "imagenet", "--img-size", "32", "--mlp", "32-16",
+                                  "--predictor", "0", "--ema", "0"])  # fmt: skip
+    assert len(list(byol.BYOL(args).predictor.parameters())) > 0
+    torch.manual_seed(0)
+    net = byol.BYOL(no_predictor).eval()
+    assert not list(net.predictor.parameters())
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    loss, _ = net(views)
+    with torch.no_grad():
+        z1, z2 = (net.projector(net.backbone(v)) for v in views)
+    # no predictor and no target: 2 - 2 cos(z1, z2) in both directions, 4 - 4 cos per image
+    assert loss.item() == pytest.approx(float((4 - 4 * torch.cosine_similarity(z1, z2)).mean()), rel=1e-5)

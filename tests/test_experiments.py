@@ -134,3 +134,14 @@ def test_vicreg_variants_match_loop(variant):
     for coefficients, want in zip(unit, vicreg_variant_loop(z1, z2, variant, 0.2)):
         got = vicreg.vicreg_loss(z1, z2, *coefficients, variant=variant, temperature=0.2)
         assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("ablation", [["--ema", 0], ["--predictor", 0]])
+def test_byol_ablations_train(ablation, tmp_path):
+    """Morningstar et al.'s component ablations: no target network (SimSiam's stop-gradient form), no predictor."""
+    flags = [*TINY, "--mlp", "64-32", "--epochs", 1, "--knn-every", 0, *ablation]
+    run_script("byol.py", *flags, "--out", tmp_path)
+    model = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    assert any(k.startswith("target.") for k in model) == (ablation[0] != "--ema")
+    assert any(k.startswith("predictor.") for k in model) == (ablation[0] != "--predictor")
+    assert all(math.isfinite(r["loss"]) for r in read_log(tmp_path) if "loss" in r)

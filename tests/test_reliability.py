@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import METHODS, ROOT, TINY, merge_flags, run_script
+from conftest import EXACT, METHODS, ROOT, TINY, merge_flags, run_script
 from PIL import Image
 
 import common
@@ -67,11 +67,11 @@ def test_amp_runs_and_its_grad_scaler_survives_resume(amp, tmp_path):
     model = ["--arch", "resnet18"] if amp == "bf16" else ["--arch", "vit_tiny", "--patch-size", "8", "--img-size", "16"]
     flags = [*TINY, *model, "--amp", amp, "--batch", 16, "--subset", 64, "--epochs", 2, "--knn-every", 0]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_script("simclr.py", *flags, "--out", straight)
+    run_script("simclr.py", *flags, "--out", straight, threads=EXACT)
     from test_scripts import kill_after_first_checkpoint
 
     kill_after_first_checkpoint(["simclr.py", *flags, "--out", resumed])
-    assert "resumed from" in run_script("simclr.py", *flags, "--out", resumed).stdout
+    assert "resumed from" in run_script("simclr.py", *flags, "--out", resumed, threads=EXACT).stdout
     a, b = torch.load(straight / "backbone.pt"), torch.load(resumed / "backbone.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False)["scaler"] for d in (straight, resumed))
@@ -417,7 +417,7 @@ def test_a_resume_within_an_epoch_refuses_another_process_count(tmp_path):
     torch.save({**state, "resume_epoch": 0, "step": 3, "world": 1}, tmp_path / "checkpoint.pt")
     two = common.Env(torch.device("cpu"), world=2)
     with pytest.raises(common.UserError, match="written within epoch 0 by 1 processes: resume it on 1"):
-        common.resume(args, two, None, None, None, 4)  # refused before anything is loaded
+        common.resume(args, two, None, None, None, 4, None)  # refused before anything is loaded
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torchvision
 from conftest import (
     DINO_LEARN,
     DINO_NET,
+    EXACT,
     EXTRA,
     LEARN,
     METHODS,
@@ -42,12 +43,12 @@ def untimed(log):
     return [{k: v for k, v in record.items() if k not in ("img_per_s", "time")} for record in log]
 
 
-def kill_after_first_checkpoint(argv):
+def kill_after_first_checkpoint(argv, threads=EXACT):
     """Start a run, SIGKILL it as soon as its first checkpoint exists (the next epoch may be under way)."""
     out = argv[argv.index("--out") + 1]
     cmd = [sys.executable, *[str(a) for a in argv]]
-    with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env(),
-                          start_new_session=True) as child:  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    with subprocess.Popen(cmd, cwd=ROOT, env=script_env(threads), start_new_session=True, **quiet) as child:
         while not os.path.exists(os.path.join(out, "checkpoint.pt")) and child.poll() is None:
             time.sleep(0.02)
         kill_group(child.pid)
@@ -65,14 +66,15 @@ KILLS = [
 
 @pytest.fixture(scope="module")
 def straight_runs(tmp_path_factory):
-    """Uninterrupted 2-epoch runs (TINY, 0 workers), one per command, shared by the tests that interrupt it."""
+    """Uninterrupted 2-epoch runs (TINY, 0 workers, EXACT threads), one per command, shared by the tests that
+    interrupt it."""
     done = {}
 
     def get(method, flags):
         key = (method, *map(str, flags))
         if key not in done:
             done[key] = tmp_path_factory.mktemp(f"straight-{method}")
-            run_script(f"{method}.py", *flags, "--out", done[key])
+            run_script(f"{method}.py", *flags, "--out", done[key], threads=EXACT)
         return done[key]
 
     return get
@@ -86,7 +88,7 @@ def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs,
     tiny = merge_flags(tiny, EXTRA[method], ["--epochs", 2], [] if knn else ["--knn-every", 0])
     straight, resumed = straight_runs(method, list(tiny)), tmp_path / "resumed"
     kill_after_first_checkpoint([f"{method}.py", *tiny, "--out", resumed])
-    proc = run_script(f"{method}.py", *tiny, "--out", resumed)  # the same command again
+    proc = run_script(f"{method}.py", *tiny, "--out", resumed, threads=EXACT)  # the same command again
     assert "resumed from" in proc.stdout and not any(".tmp" in name for name in os.listdir(resumed))
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "backbone.pt"):
         assert (straight / name).exists()
@@ -111,6 +113,36 @@ def test_run_writes_files_and_resumes_exactly(method, kill, tiny, straight_runs,
         assert len(read_log(resumed)) == lines
 
 
+# The online probe is on by default, so the straight runs train one.
+PROBE_OFF = [m if m == "simclr" else pytest.param(m, marks=pytest.mark.slow) for m in METHODS]
+
+
+@pytest.mark.parametrize("method", PROBE_OFF)
+def test_the_online_probe_never_changes_the_backbones_training(method, tiny, straight_runs, tmp_path):
+    """With and without --online-probe, a run trains bit for bit the same: losses, weights, optimizer state (DINO
+    probes the teacher through its hook, MAE computes its own features)."""
+    knn = method == "simclr"
+    flags = merge_flags(tiny, EXTRA[method], ["--epochs", 2], [] if knn else ["--knn-every", 0])
+    straight = straight_runs(method, flags)
+    run_script(f"{method}.py", *flags, "--online-probe", 0, "--out", tmp_path, threads=EXACT)
+    on, off = untimed(read_log(straight)), untimed(read_log(tmp_path))
+    assert all(0 <= r["online_train_top1"] <= 100 for r in on if "loss" in r)
+    assert not any(key.startswith("online") for r in off for key in r)
+    assert [{k: v for k, v in r.items() if not k.startswith("online")} for r in on] == off
+    a, b = torch.load(straight / "backbone.pt"), torch.load(tmp_path / "backbone.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca, cb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (straight, tmp_path))
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    assert all(torch.equal(x, y) for x, y in zip(optimizer_tensors(ca), optimizer_tensors(cb), strict=True))
+    trained_head = ca["online_probe"]["head"]["weight"]  # from zeros, 10 classes by the feature width
+    assert trained_head.shape[0] == 10 and trained_head.abs().sum() > 0
+    assert cb["online_probe"] is None
+    summary_on, summary_off = (json.loads((d / "summary.json").read_text()) for d in (straight, tmp_path))
+    assert summary_off["online_top1"] is None
+    if knn:
+        assert summary_on["online_top1"] == on[-1]["online_top1"] and 0 <= summary_on["online_top1"] <= 100
+
+
 # Runs a script as __main__ with common.Preemption.checkpoint_due sending SIGTERM to the script's whole process group
 # (loader workers included, as a cluster signals every process of a job) at step N, just before it decides.
 _SIGTERM_AT_STEP = """
@@ -129,7 +161,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def sigterm_at_step(argv, step):
     """Run a script in a process group of its own that is sent SIGTERM at `step`; returns the CompletedProcess."""
-    return run_in_group([sys.executable, "-c", _SIGTERM_AT_STEP, str(step), *map(str, argv)])
+    return run_in_group([sys.executable, "-c", _SIGTERM_AT_STEP, str(step), *map(str, argv)], EXACT)
 
 
 # SimCLR and DINO, 4 steps an epoch logged every 2, --ckpt-every 5, with 0 and 2 loader workers: SIGTERM at step 3
@@ -158,12 +190,12 @@ def test_a_run_stopped_within_an_epoch_resumes_bit_identical(method, workers, st
     stopped = torch.load(out / "checkpoint.pt", weights_only=False)
     assert (stopped["step"], stopped["resume_epoch"]) == (stop_at, 0)
     # saves after the resume: epoch 0's end (checkpoint.pt, backbone.pt), step 5's (both), step 8's checkpoint.pt
-    proc = kill_during_save(command, 5)
+    proc = kill_during_save(command, 5, EXACT)
     assert f"resumed from {out / 'checkpoint.pt'} in epoch 0 at step {stop_at}" in proc.stdout
     assert any(".pt.tmp" in name for name in os.listdir(out))  # the half-written file
     killed = torch.load(out / "checkpoint.pt", weights_only=False)
     assert (killed["step"], killed["resume_epoch"]) == (5, 1)  # the last good one, within epoch 1
-    proc = run_script(*command)  # and again
+    proc = run_script(*command, threads=EXACT)  # and again
     assert f"resumed from {out / 'checkpoint.pt'} in epoch 1 at step 5" in proc.stdout
     assert untimed(read_log(out)) == untimed(read_log(straight))
     a, b = torch.load(straight / "backbone.pt"), torch.load(out / "backbone.pt")
