@@ -1305,9 +1305,9 @@ class Preemption:
 def save_checkpoint(args, env, epoch, step, net, optimizer, scaler, backbone, log, steps_per_epoch, probe):
     """checkpoint.pt (everything to resume: the model, optimizer, GradScaler, the online probe, every process's RNG
     state and log interval, the run's arguments, steps per epoch and process count) and `backbone` as backbone.pt,
-    both written atomically. `epoch` is the epoch a resume starts in: the current one within an epoch (the resume skips the
-    batches it trained), the next one at its end. A non-finite loss since the last logged interval stops the run
-    here, keeping the last good checkpoint."""
+    both written atomically. `epoch` is the epoch a resume starts in: the current one within an epoch (the resume
+    skips the batches it trained), the next one at its end. A non-finite loss since the last logged interval stops
+    the run here, keeping the last good checkpoint."""
     if log.count:  # within an interval: its losses were not checked yet (one host sync per checkpoint)
         check_finite(float(log.loss_sum) / log.count, step)
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
