@@ -18,9 +18,21 @@ Usage:
 Defaults: the paper's ImageNet recipe: ResNet-50, projector 2048-2048-128 with BN after every layer and its hidden
 layer as wide as the encoder's output (the official code: 4096 for a ResNet-50 2x), LARS lr 0.3 x B/256, wd 1e-6
 (the current official README: 1e-4, from SimCLRv2), batch 4096, 100 epochs, 10 warmup, cosine, temperature 0.1,
-the last BatchNorm of every residual block starting at zero, and the loss at the official code's scale (loss_a +
-loss_b: twice the paper's mean, which matters under LARS). ImageNet linear top-1 of a ResNet-50: 64.5 after 100
-epochs (paper Table 1), 69.3 after 1000 (Table 6); CIFAR-10: 94.0 (App. B.9), ~91 with a ResNet-18 (README).
+the last BatchNorm of every residual block starting at zero, and the loss at the official code's scale: loss_a +
+loss_b, the first views' and the second views' anchors each a mean over the batch, i.e. twice the paper's mean over
+2N anchors. Under LARS that is not a constant factor: weight decay joins the gradient before the trust ratio, and
+the 1-D parameters skip the trust ratio. ImageNet linear top-1 of a ResNet-50: 64.5 after 100 epochs (paper
+Table 1), 69.3 after 1000 (Table 6); CIFAR-10: 94.0 (App. B.9), ~91 with a ResNet-18 (README).
+
+SimCLR-abs and SimCLR-sq (`--similarity abs|sq`; Garrido et al., "On the duality between contrastive and
+non-contrastive self-supervised learning", ICLR 2023, section 3): the cosine similarity s of every negative pair
+enters the softmax as |s| / T or s^2 / T instead of s / T, so the loss pushes negatives towards orthogonal rather
+than opposite, as the sample-contrastive criterion ||K^T K - diag(K^T K)||^2 does. The positive pair's term stays
+s / T, in the numerator and in the denominator; the view itself stays out. Everything else (gather, scale,
+--negatives) is unchanged. The paper's main text says only "square or absolute values of the cosine similarities";
+its supplementary's exact terms could not be read and no official code was found, so this is that reading, not a
+confirmed one. Reported there (ImageNet, ResNet-50, 100 epochs, online linear probe): SimCLR-abs 68.71 against
+68.61 for their tuned SimCLR (projector 8192-8192-d, temperature 0.15, base lr 0.5).
 Departures from the official code: its LARS multiplies by the lr inside the momentum (v <- m v + lr g), which
 differs from lr x (m v + g) while the lr changes (warmup, cosine), and excludes parameters from decay and the
 trust ratio by name, here by shape (1-D); its blur draws one sigma per batch, here one per image.
@@ -93,6 +105,7 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax over similarities")
     p.add_argument("--mlp", default="embed-128", help="projector widths, the last the embedding (embed: the encoder's)")
     p.add_argument("--negatives", type=int, default=0, help="random negatives per anchor (0: all 2N-2)")
+    p.add_argument("--similarity", default="cos", choices=["cos", "abs", "sq"], help="negatives scored s, |s| or s^2")
     return common.parse_args(p, argv)
 
 
@@ -100,18 +113,20 @@ def get_args(argv=None):
 # Method
 
 
-def nt_xent(z1, z2, temperature, negatives=0):
-    """NT-Xent over the 2N views of the global batch at the official code's scale: loss_a + loss_b, the first
-    views' and the second views' anchors each a mean over the batch, i.e. twice the paper's mean over 2N anchors.
-    Under LARS the scale is not a constant factor: weight decay joins the gradient before the trust ratio, and the
-    1-D parameters skip the trust ratio. z1, z2: (n, d), this process's two views."""
+def nt_xent(z1, z2, temperature, negatives=0, similarity="cos"):
+    """NT-Xent over the 2N views of the global batch at the official code's scale, loss_a + loss_b (see the module
+    docstring); similarity abs or sq: SimCLR-abs or SimCLR-sq. z1, z2: (n, d), this process's two views."""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # (2n, d) local anchors
     keys = torch.cat([common.gather(z[:n]), common.gather(z[n:])])  # (2N, d): all first views, then all second
     N = keys.shape[0] // 2
     mine = torch.arange(n, device=z.device) + common.rank() * n  # our images' global indices
     self_idx, pos_idx = torch.cat([mine, mine + N]), torch.cat([mine + N, mine])
-    logits = (z @ keys.T / temperature).scatter(1, self_idx[:, None], float("-inf"))  # a view is not its own negative
+    sim = z @ keys.T  # (2n, 2N) cosine similarities
+    if similarity != "cos":  # the negatives' similarities become |s| or s^2; the positive's stays s
+        transformed = sim.abs() if similarity == "abs" else sim.square()
+        sim = transformed.scatter(1, pos_idx[:, None], sim.gather(1, pos_idx[:, None]))
+    logits = (sim / temperature).scatter(1, self_idx[:, None], float("-inf"))  # a view is not its own negative
     if negatives:  # K random negatives per anchor (Bordes et al. 2023); the positive scores 2, the view itself -1
         score = torch.rand_like(logits).scatter(1, pos_idx[:, None], 2.0).scatter(1, self_idx[:, None], -1.0)
         logits = logits.masked_fill(score < score.topk(negatives + 1, dim=1).values[:, -1:], float("-inf"))
@@ -139,7 +154,7 @@ class SimCLR(nn.Module):
 
     def forward(self, views):
         z1, z2 = self.projector(self.backbone(torch.cat(views))).chunk(2)
-        loss = nt_xent(z1, z2, self.args.temperature, self.args.negatives)
+        loss = nt_xent(z1, z2, self.args.temperature, self.args.negatives, self.args.similarity)
         return loss, {}
 
 

@@ -106,27 +106,28 @@ def test_cosine_schedule_values():
     assert f(110) == pytest.approx(0.2)
 
 
-def _gather_nt_xent(rank, world, z1, z2, temperature):
+def _gather_nt_xent(rank, world, z1, z2, temperature, similarity):
     import simclr
 
     n = z1.shape[0] // world
     a = z1[rank * n : (rank + 1) * n].clone().requires_grad_()
     b = z2[rank * n : (rank + 1) * n].clone().requires_grad_()
-    loss = simclr.nt_xent(a, b, temperature)
+    loss = simclr.nt_xent(a, b, temperature, similarity=similarity)
     loss.backward()
     gathered = common.gather(a.detach())
     return loss.detach(), a.grad, b.grad, gathered
 
 
-def test_gather_two_processes_match_full_batch():
+@pytest.mark.parametrize("similarity", ["cos", "sq"])  # sq: SimCLR-sq keeps each anchor's positive by global index
+def test_gather_two_processes_match_full_batch(similarity):
     torch.manual_seed(0)
     z1, z2 = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 5, dtype=torch.float64)
     import simclr
 
     f1, f2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    full = simclr.nt_xent(f1, f2, 0.3)
+    full = simclr.nt_xent(f1, f2, 0.3, similarity=similarity)
     full.backward()
-    results = spawn(_gather_nt_xent, 2, z1, z2, 0.3)
+    results = spawn(_gather_nt_xent, 2, z1, z2, 0.3, similarity)
     assert torch.allclose(torch.stack([r[0] for r in results]).mean(), full.detach().float(), atol=1e-6)
     for rank, (_, g1, g2, gathered) in enumerate(results):
         part = slice(rank * 4, (rank + 1) * 4)

@@ -1,5 +1,5 @@
-"""The seed papers' experiments (issue 8): --aug across scripts, --budget-flops and summary.json, SimCLR with K
-random negatives, VICReg-exp and VICReg-ctr."""
+"""The seed papers' experiments (issues 8 and 20): --aug across scripts, --budget-flops and summary.json, SimCLR with
+K random negatives, SimCLR-abs and SimCLR-sq, VICReg-exp and VICReg-ctr, BYOL's component ablations."""
 
 import importlib
 import json
@@ -106,6 +106,69 @@ def test_one_negative_on_orthogonal_embeddings():
     z = torch.eye(8)[:4]
     for k in (1, 2, 6):
         assert simclr.nt_xent(z, z, 0.5, k).item() == pytest.approx(2 * math.log(1 + k * math.exp(-2)), rel=1e-5)
+
+
+def simclr_similarity_loop(z1, z2, temperature, similarity):
+    """Garrido et al. 2023's SimCLR-abs / SimCLR-sq, anchor by anchor: -log(exp(s_p / t) / (exp(s_p / t) +
+    sum over the 2N-2 negatives exp(f(s_k) / t))) with f = |.| or (.)^2 on the negatives only, summed over the
+    anchors and divided by N (loss_a + loss_b). Scalar torch ops in float64, so autograd gives its gradients."""
+    f = {"cos": lambda s: s, "abs": abs, "sq": lambda s: s * s}[similarity]
+    z = torch.cat([z1, z2])
+    two_n = len(z)
+    total = 0.0
+    for a in range(two_n):
+        p = (a + two_n // 2) % two_n
+        cosine = [z[a] @ z[b] / (z[a].norm() * z[b].norm()) for b in range(two_n)]
+        negatives = [torch.exp(f(cosine[b]) / temperature) for b in range(two_n) if b not in (a, p)]
+        positive = torch.exp(cosine[p] / temperature)
+        total = total - torch.log(positive / (positive + sum(negatives)))
+    return total / (two_n // 2)
+
+
+@pytest.mark.parametrize("similarity", ["abs", "sq"])
+@pytest.mark.parametrize("temperature", [0.2, 0.5])
+def test_simclr_abs_and_sq_match_loop_with_gradients(similarity, temperature):
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    got = simclr.nt_xent(a1, a2, temperature, similarity=similarity)
+    got.backward()
+    b1, b2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    want = simclr_similarity_loop(b1, b2, temperature, similarity)
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)  # nt_xent computes in float32
+    assert torch.allclose(a1.grad, b1.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a2.grad, b2.grad, rtol=1e-5, atol=1e-6)
+    # the variant changes the loss, and the plain loop is the plain NT-Xent
+    assert got.item() != pytest.approx(simclr.nt_xent(z1, z2, temperature).item(), rel=1e-3)
+    cos = simclr_similarity_loop(z1, z2, temperature, "cos").item()
+    assert cos == pytest.approx(simclr.nt_xent(z1, z2, temperature).item(), rel=1e-6)
+
+
+def test_simclr_abs_and_sq_push_negatives_to_orthogonal_not_opposite():
+    """Two images with identical views, their embeddings opposite (e, -e) or orthogonal (e1, e2); every anchor has
+    its positive at s = 1 and two negatives at s = -1 or 0. By hand, per anchor at temperature t: opposite, cos
+    log(1 + 2 exp(-2/t)) (the best NT-Xent can do) but abs and sq log(3) (as bad as a negative at s = 1);
+    orthogonal, all three log(1 + 2 exp(-1/t)). loss_a + loss_b is twice the per-anchor mean."""
+    t = 0.5
+    opposite, orthogonal = torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), torch.eye(2)
+    assert simclr.nt_xent(opposite, opposite, t).item() == pytest.approx(2 * math.log(1 + 2 * math.exp(-2 / t)))
+    for similarity in ("abs", "sq"):
+        assert simclr.nt_xent(opposite, opposite, t, similarity=similarity).item() == pytest.approx(2 * math.log(3))
+    for similarity in ("cos", "abs", "sq"):
+        got = simclr.nt_xent(orthogonal, orthogonal, t, similarity=similarity).item()
+        assert got == pytest.approx(2 * math.log(1 + 2 * math.exp(-1 / t)))
+
+
+def test_simclr_similarity_flag_reaches_the_loss():
+    args = simclr.get_args([*map(str, TINY), "--similarity", "sq", "--mlp", "64-32", "--amp", "off"])
+    torch.manual_seed(0)
+    model = simclr.SimCLR(args)
+    views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
+    loss, _ = model(views)
+    z1, z2 = model.projector(model.backbone(torch.cat(views))).chunk(2)
+    assert loss.item() == pytest.approx(simclr.nt_xent(z1, z2, args.temperature, similarity="sq").item(), rel=1e-6)
+    assert loss.item() != pytest.approx(simclr.nt_xent(z1, z2, args.temperature).item(), rel=1e-3)
 
 
 def vicreg_variant_loop(z1, z2, variant, tau):
