@@ -301,13 +301,13 @@ def test_eval_linear_takes_the_width_from_the_run(tmp_path):
 def test_simclr_learns_on_synthetic_data(tmp_path):
     """4 epochs (248 steps) lift k-NN top-1 clearly above the same network at random init (measured: 49.6
     against 30.9, with the official defaults: zero-initialised residuals, the projector 512-512-128), and the online
-    probe trained alongside well above chance (10%) on the test split (measured: ONLINE)."""
+    probe trained alongside above chance (10%) on the test split (measured: 24.5)."""
     train = [*LEARN, "--epochs", 4, "--temperature", 0.2, "--knn-every", 4, "--out", tmp_path]
     run_script("simclr.py", *train, timeout=LEARN_TIMEOUT)
     trained = read_log(tmp_path)[-1]["knn_top1"]
     online = json.loads((tmp_path / "summary.json").read_text())["online_top1"]
     print(f"simclr online linear top-1 {online:.1f}")
-    assert online == read_log(tmp_path)[-1]["online_top1"] > 20
+    assert online == read_log(tmp_path)[-1]["online_top1"] > 15  # chance: 10
     flags = [*LEARN[:8], "--workers", 0, "--amp", "off", "--out", tmp_path / "random.json"]
     random = json.loads(
         run_script("eval_linear.py", "--ckpt", "random", *flags, "--epochs", 1, "--lr", 0.1).stdout.splitlines()[-1]
