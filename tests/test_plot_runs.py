@@ -62,7 +62,10 @@ def test_two_tiny_runs_give_a_png_and_the_logged_numbers(two_runs, tmp_path, cap
 def test_without_matplotlib_the_table_still_prints_and_the_figure_names_the_install(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    records = [{"epoch": 0, "step": 4, "loss": 9.0, "flops": 4e9}, {"epoch": 0, "step": 4, "flops": 4e9, "knn_top1": 30.0}]
+    records = [
+        {"epoch": 0, "step": 4, "loss": 9.0, "flops": 4e9},
+        {"epoch": 0, "step": 4, "flops": 4e9, "knn_top1": 30.0},
+    ]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     plot_runs.main([str(run), "--png", ""])
