@@ -24,18 +24,19 @@ loss_b, the first views' and the second views' anchors each a mean over the batc
 the 1-D parameters skip the trust ratio. ImageNet linear top-1 of a ResNet-50: 64.5 after 100 epochs (paper
 Table 1), 69.3 after 1000 (Table 6); CIFAR-10: 94.0 (App. B.9), ~91 with a ResNet-18 (README).
 
+Departures from the official code: its LARS multiplies by the lr inside the momentum (v <- m v + lr g), which
+differs from lr x (m v + g) while the lr changes (warmup, cosine), and excludes parameters from decay and the
+trust ratio by name, here by shape (1-D); its blur draws one sigma per batch, here one per image.
+
 SimCLR-abs and SimCLR-sq (`--similarity abs|sq`; Garrido et al., "On the duality between contrastive and
 non-contrastive self-supervised learning", ICLR 2023, section 3): the cosine similarity s of every negative pair
 enters the softmax as |s| / T or s^2 / T instead of s / T, so the loss pushes negatives towards orthogonal rather
 than opposite, as the sample-contrastive criterion ||K^T K - diag(K^T K)||^2 does. The positive pair's term stays
 s / T, in the numerator and in the denominator; the view itself stays out. Everything else (gather, scale,
---negatives) is unchanged. The paper's main text says only "square or absolute values of the cosine similarities";
-its supplementary's exact terms could not be read and no official code was found, so this is that reading, not a
-confirmed one. Reported there (ImageNet, ResNet-50, 100 epochs, online linear probe): SimCLR-abs 68.71 against
+--negatives) is unchanged. The paper's main text describes them only as SimCLR with the square or the absolute
+value of the cosine similarities; its supplementary's exact terms could not be read and no official code was found,
+so this is that reading, not a confirmed one. Reported there (ImageNet, ResNet-50, 100 epochs, online linear probe): SimCLR-abs 68.71 against
 68.61 for their tuned SimCLR (projector 8192-8192-d, temperature 0.15, base lr 0.5).
-Departures from the official code: its LARS multiplies by the lr inside the momentum (v <- m v + lr g), which
-differs from lr x (m v + g) while the lr changes (warmup, cosine), and excludes parameters from decay and the
-trust ratio by name, here by shape (1-D); its blur draws one sigma per batch, here one per image.
 """
 
 import argparse
@@ -105,7 +106,7 @@ def get_args(argv=None):
     p.add_argument("--temperature", type=float, default=0.1, help="temperature of the softmax over similarities")
     p.add_argument("--mlp", default="embed-128", help="projector widths, the last the embedding (embed: the encoder's)")
     p.add_argument("--negatives", type=int, default=0, help="random negatives per anchor (0: all 2N-2)")
-    p.add_argument("--similarity", default="cos", choices=["cos", "abs", "sq"], help="negatives scored s, |s| or s^2")
+    p.add_argument("--similarity", default="cos", choices=["cos", "abs", "sq"], help="abs, sq: SimCLR-abs, SimCLR-sq")
     return common.parse_args(p, argv)
 
 
