@@ -35,8 +35,9 @@ than opposite, as the sample-contrastive criterion ||K^T K - diag(K^T K)||^2 doe
 s / T, in the numerator and in the denominator; the view itself stays out. Everything else (gather, scale,
 --negatives) is unchanged. The paper's main text describes them only as SimCLR with the square or the absolute
 value of the cosine similarities; its supplementary's exact terms could not be read and no official code was
-found, so this is that reading, not a confirmed one. Reported there (ImageNet, ResNet-50, 100 epochs, online linear probe): SimCLR-abs 68.71 against
-68.61 for their tuned SimCLR (projector 8192-8192-d, temperature 0.15, base lr 0.5).
+found, so this is that reading, not a confirmed one. Reported there (ImageNet, ResNet-50, 100 epochs, online
+linear probe): SimCLR-abs 68.71 against 68.61 for their tuned SimCLR (projector 8192-8192-d, temperature 0.15,
+base lr 0.5).
 """
 
 import argparse
