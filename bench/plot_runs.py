@@ -44,7 +44,7 @@ def read_json(path):
 
 
 def read_run(folder):
-    """{"name", "points": [(flops, knn_top1, online_top1 or None)], "summary", "eval"} of one run folder."""
+    """{"name", "points": [(flops, knn_top1, online_top1 or None)], "summary", "network", "eval"} of a run folder."""
     log_path = os.path.join(folder, "log.jsonl")
     if not os.path.exists(log_path):
         raise common.UserError(f"{folder} is not a run folder: it has no log.jsonl")
@@ -55,7 +55,11 @@ def read_run(folder):
     ]
     name = os.path.basename(os.path.normpath(folder))
     summary = read_json(os.path.join(folder, "summary.json")) or {}
-    return {"name": name, "points": points, "summary": summary, "eval": read_json(os.path.join(folder, "eval.json"))}
+    run_args = read_json(os.path.join(folder, "args.json")) or {}
+    width = run_args.get("width", 1.0)
+    network = summary.get("arch", "-") + (f" x{width:g}" if width != 1.0 else "")  # a narrowed ResNet says so
+    eval_result = read_json(os.path.join(folder, "eval.json"))
+    return {"name": name, "points": points, "summary": summary, "network": network, "eval": eval_result}
 
 
 def read_baseline(spec):
@@ -87,7 +91,7 @@ def markdown(runs, baselines):
         s, e = run["summary"], run["eval"] or {}
         knn, online = (run["points"][-1][1], run["points"][-1][2]) if run["points"] else (None, None)
         lines.append(
-            f"| {run['name']} | {s.get('method', '-')} | {s.get('arch', '-')} | {s.get('steps', '-')} | "
+            f"| {run['name']} | {s.get('method', '-')} | {run['network']} | {s.get('steps', '-')} | "
             f"{number(s.get('flops'), '.3g')} | {number(knn)} | {number(online)} | {number(e.get('knn_top1'))} | "
             f"{number(e.get('linear_top1'))} |"
         )
