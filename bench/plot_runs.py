@@ -98,7 +98,7 @@ def markdown(runs, baselines):
     for baseline in baselines:
         e = baseline["eval"]
         lines.append(
-            f"| {baseline['name']} | - | {e.get('arch', '-')} | - | 0 | - | - | {number(e.get('knn_top1'))} | "
+            f"| {baseline['name']} | - | - | - | 0 | - | - | {number(e.get('knn_top1'))} | "
             f"{number(e.get('linear_top1'))} |"
         )
     return "\n".join(lines)
@@ -124,6 +124,7 @@ def plot(runs, baselines, path, title):
                 axis.axhline(baseline["eval"]["knn_top1"], linestyle="--", color=color, label=baseline["name"])
         axis.set_xlabel("cumulative training FLOPs")
         axis.set_ylabel(what)
+        axis.tick_params(labelleft=True)  # sharey hides the right panel's labels otherwise
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize="small")
     if title:
