@@ -6,7 +6,7 @@ FLOPs, one line per run, to a PNG; prints the same numbers as Markdown: every mo
 one row per run with its final numbers and, where eval.json exists, the offline linear probe and k-NN.
 
     python bench/plot_runs.py runs/eq/simclr runs/eq/byol runs/eq/vicreg --png docs/equal_compute.png
-    python bench/plot_runs.py runs/eq/* --baseline "ResNet-18, random init=runs/eq/random-r18.json"
+    python bench/plot_runs.py runs/eq/*/ --baseline "ResNet-18, random init=runs/eq/random-r18.json"
 
 A baseline (an eval.json of eval_linear.py, e.g. `--ckpt random`) is drawn as a horizontal line at its k-NN top-1
 and listed in the table. matplotlib is needed only for the PNG (`pip install matplotlib`), never by the training
@@ -34,13 +34,17 @@ def get_args(argv=None):
 
 
 def read_json(path):
+    """The JSON object in path, None when there is no such file."""
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            result = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise common.UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(result, dict):
+        raise common.UserError(f"{path} does not hold a JSON object")
+    return result
 
 
 def read_run(folder):
@@ -57,7 +61,7 @@ def read_run(folder):
     summary = read_json(os.path.join(folder, "summary.json")) or {}
     run_args = read_json(os.path.join(folder, "args.json")) or {}
     width = run_args.get("width", 1.0)
-    network = summary.get("arch", "-") + (f" x{width:g}" if width != 1.0 else "")  # a narrowed ResNet says so
+    network = summary.get("arch", run_args.get("arch", "-")) + (f" x{width:g}" if width != 1.0 else "")
     eval_result = read_json(os.path.join(folder, "eval.json"))
     return {"name": name, "points": points, "summary": summary, "network": network, "eval": eval_result}
 
@@ -130,18 +134,21 @@ def plot(runs, baselines, path, title):
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as e:
+        raise common.UserError(f"cannot write --png {path}: {e}") from None
+    finally:
+        plt.close(figure)
 
 
 def main(argv=None):
     args = get_args(argv)
     runs = [read_run(folder) for folder in args.runs]
     baselines = [read_baseline(spec) for spec in args.baseline]
-    if args.png:
-        plot(runs, baselines, args.png, args.title)
     print(markdown(runs, baselines))
     if args.png:
+        plot(runs, baselines, args.png, args.title)
         print(f"\nwrote {args.png}")
 
 

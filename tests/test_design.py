@@ -134,7 +134,7 @@ def test_every_readme_command_is_accepted_by_its_script():
     commands = script_commands(readme())
     assert {script for script, _ in commands} >= set(SCRIPTS)
     for script, argv in commands:
-        module = importlib.import_module(os.path.basename(script)[:-3])  # bench/ is on sys.path (conftest)
+        module = importlib.import_module(os.path.basename(script)[:-3])  # bench/ is on sys.path (above)
         try:
             module.get_args(argv)  # argparse exits on an unknown flag or value; check_args raises on a bad one
         except SystemExit:

@@ -77,6 +77,25 @@ def test_without_matplotlib_the_table_still_prints_and_the_figure_names_the_inst
     with pytest.raises(common.UserError, match="pip install matplotlib"):
         plot_runs.main([str(run), "--png", str(tmp_path / "figure.png")])
     assert not (tmp_path / "figure.png").exists()
+    assert ["run", "4e+09", "30.0", "-"] in table_rows(capsys.readouterr().out)  # the table comes first
+
+
+def test_bad_inputs_are_user_errors(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text(json.dumps({"epoch": 0, "step": 4, "flops": 4e9, "knn_top1": 30.0}) + "\n")
+    (run / "summary.json").write_text("[1, 2]")
+    with pytest.raises(common.UserError, match="does not hold a JSON object"):
+        plot_runs.main([str(run), "--png", ""])
+    (run / "summary.json").unlink()
+    with pytest.raises(common.UserError, match="expected LABEL=path"):
+        plot_runs.main([str(run), "--png", "", "--baseline", "no-label-here.json"])
+    (tmp_path / "other.json").write_text(json.dumps({"steps": 4}))
+    with pytest.raises(common.UserError, match="is not an eval.json"):
+        plot_runs.main([str(run), "--png", "", "--baseline", f"x={tmp_path / 'other.json'}"])
+    pytest.importorskip("matplotlib")
+    with pytest.raises(common.UserError, match="cannot write --png"):
+        plot_runs.main([str(run), "--png", str(tmp_path / "no-such-folder" / "figure.png")])
 
 
 def test_a_folder_without_a_log_is_one_error_line_and_exit_2(tmp_path):
