@@ -147,10 +147,7 @@ def resolve(args):
     if args.ckpt != "random":
         if not os.path.isfile(args.ckpt):
             raise common.UserError(f"--ckpt {args.ckpt!r} does not exist; give a run's backbone.pt or 'random'")
-        path = os.path.join(os.path.dirname(args.ckpt), "args.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                run = json.load(f)
+        run = common.read_args(os.path.dirname(args.ckpt))
     defaults = {
         "dataset": "synthetic",
         "data": None,

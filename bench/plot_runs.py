@@ -52,18 +52,20 @@ def read_run(folder):
     log_path = os.path.join(folder, "log.jsonl")
     if not os.path.exists(log_path):
         raise common.UserError(f"{folder} is not a run folder: it has no log.jsonl")
-    points = [
+    points = [  # the epoch records the k-NN monitor wrote
         (record["flops"], record["knn_top1"], record.get("online_top1"))
         for record in common.read_log(log_path)
-        if "knn_top1" in record and "loss" not in record
+        if "knn_top1" in record
     ]
-    name = os.path.basename(os.path.normpath(folder))
-    summary = read_json(os.path.join(folder, "summary.json")) or {}
-    run_args = read_json(os.path.join(folder, "args.json")) or {}
+    run_args = common.read_args(folder)
     width = run_args.get("width", 1.0)
-    network = summary.get("arch", run_args.get("arch", "-")) + (f" x{width:g}" if width != 1.0 else "")
-    eval_result = read_json(os.path.join(folder, "eval.json"))
-    return {"name": name, "points": points, "summary": summary, "network": network, "eval": eval_result}
+    return {
+        "name": os.path.basename(os.path.normpath(folder)),
+        "points": points,
+        "summary": read_json(os.path.join(folder, "summary.json")) or {},
+        "network": run_args.get("arch", "-") + (f" x{width:g}" if width != 1.0 else ""),  # a narrowed ResNet says so
+        "eval": read_json(os.path.join(folder, "eval.json")),
+    }
 
 
 def read_baseline(spec):

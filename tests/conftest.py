@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))  # the benchmarks' modules, which tests import
 torch.set_num_threads(2)
 
 METHODS = [m for m in ("simclr", "byol", "vicreg", "dino", "mae") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]

@@ -9,12 +9,9 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 
 import pytest
 from conftest import METHODS, ROOT
-
-sys.path.insert(0, os.path.join(ROOT, "bench"))  # the README's bench/plot_runs.py command is checked too
 
 # changed lines of GNU diff between the scripts without their module docstrings
 BUDGETS = {
@@ -134,7 +131,7 @@ def test_every_readme_command_is_accepted_by_its_script():
     commands = script_commands(readme())
     assert {script for script, _ in commands} >= set(SCRIPTS)
     for script, argv in commands:
-        module = importlib.import_module(os.path.basename(script)[:-3])  # bench/ is on sys.path (above)
+        module = importlib.import_module(os.path.basename(script)[:-3])  # bench/ is on sys.path (conftest)
         try:
             module.get_args(argv)  # argparse exits on an unknown flag or value; check_args raises on a bad one
         except SystemExit:

@@ -6,13 +6,11 @@ import os
 import subprocess
 import sys
 
+import plot_runs
 import pytest
 from conftest import ROOT, TINY, run_script
 
 import common
-
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import plot_runs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -20,6 +18,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def table_rows(text):
     """The Markdown table's rows as lists of cells, header and rule lines included."""
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+
+
+def one_point_run(tmp_path):
+    """A run folder whose log holds one training interval and one k-NN record."""
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"epoch": 0, "step": 4, "loss": 9.0, "flops": 4e9},
+        {"epoch": 0, "step": 4, "flops": 4e9, "knn_top1": 30.0},
+    ]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +74,7 @@ def test_two_tiny_runs_give_a_png(two_runs, tmp_path, capsys):
 
 
 def test_without_matplotlib_the_table_still_prints_and_the_figure_names_the_install(tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
-    run.mkdir()
-    records = [
-        {"epoch": 0, "step": 4, "loss": 9.0, "flops": 4e9},
-        {"epoch": 0, "step": 4, "flops": 4e9, "knn_top1": 30.0},
-    ]
-    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = one_point_run(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     plot_runs.main([str(run), "--png", ""])
     assert ["run", "4e+09", "30.0", "-"] in table_rows(capsys.readouterr().out)
@@ -81,9 +85,7 @@ def test_without_matplotlib_the_table_still_prints_and_the_figure_names_the_inst
 
 
 def test_bad_inputs_are_user_errors(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "log.jsonl").write_text(json.dumps({"epoch": 0, "step": 4, "flops": 4e9, "knn_top1": 30.0}) + "\n")
+    run = one_point_run(tmp_path)
     (run / "summary.json").write_text("[1, 2]")
     with pytest.raises(common.UserError, match="does not hold a JSON object"):
         plot_runs.main([str(run), "--png", ""])

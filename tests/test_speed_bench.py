@@ -2,15 +2,10 @@
 stage breakdown puts each recipe's time where the recipe does the work."""
 
 import json
-import os
-import sys
 
-from conftest import ROOT
+import speed
 
 import common
-
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import speed
 
 
 def run(capsys, *argv):
