@@ -718,9 +718,15 @@ def gaussian_blur(x, sigma, taps):
 
 
 def where_rows(mask, fn, x, *row_args):
-    """Apply fn to the images where mask (on the CPU: no device sync) is set, leaving the others unchanged."""
-    idx = mask.nonzero()[:, 0].to(x.device, non_blocking=True)
-    if len(idx):
+    """Apply fn to the images where mask (on the CPU: no device sync) is set, leaving the others unchanged. Rows
+    that form one contiguous run (the blurred ones: see render_order) are worked on as a slice, without a gather
+    and a scatter."""
+    idx = mask.nonzero()[:, 0]
+    if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
+        rows = slice(int(idx[0]), int(idx[-1]) + 1)
+        x[rows] = fn(x[rows], *[a[rows] for a in row_args])
+    elif len(idx):
+        idx = idx.to(x.device, non_blocking=True)
         x.index_copy_(0, idx, fn(x.index_select(0, idx), *[a.index_select(0, idx) for a in row_args]))
     return x
 
@@ -730,9 +736,15 @@ def jitter_key(rows):
     return torch.where(rows[:, COL.jitter].bool(), 1 + rows[:, COL.order].long() @ torch.tensor([64, 16, 4, 1]), 0)
 
 
+def render_order(rows):
+    """The order in which a size group's rows are rendered: the blurred rows last, each part sorted by jitter_key,
+    so that the blur works on one contiguous run of rows per chunk and each colour op on runs of one order."""
+    return (rows[:, COL.blur].long() * 257 + jitter_key(rows)).argsort(stable=True)
+
+
 def jitter_runs(host_p):
-    """The runs of rows sharing a jitter order in rows sorted by jitter_key: [(start, end, order)], so that each
-    op runs on a contiguous slice."""
+    """The runs of rows sharing a jitter order in rows in render_order: [(start, end, order)], so that each op runs
+    on a contiguous slice."""
     values, counts = torch.unique_consecutive(jitter_key(host_p), return_counts=True)
     ends = counts.cumsum(0).tolist()
     return [
@@ -744,12 +756,6 @@ def jitter_runs(host_p):
 
 def flip(crops, host_p):
     return where_rows(host_p[:, COL.flip].bool(), lambda y: y.flip(-1), crops)
-
-
-def to_float(crops):
-    """uint8 crops (or roi_align's floats) as floats in 0-255: the pixel work keeps uint8's scale, which saves a
-    pass at each end."""
-    return crops.float()
 
 
 JITTER_BLOCK = 2**18  # values: a block of rows this size stays in a core's L2 cache through all four ops
@@ -784,30 +790,33 @@ def to_uint8(x):
 
 
 def render(crops, p, host_p, taps):
-    """Flip, jitter, grayscale, blur and solarize (n, 3, S, S) crops with parameter rows p (n, F) on their device,
-    sorted by jitter_key; host_p: the same rows on the CPU, for the masks. Floats in 0-255."""
-    x = to_float(flip(crops, host_p))
-    x = color_jitter(x, p, host_p)
+    """Jitter, grayscale, blur and solarize (n, 3, S, S) float crops in 0-255 with parameter rows p (n, F) on their
+    device, in render_order; host_p: the same rows on the CPU, for the masks. In place where it can be."""
+    x = color_jitter(crops, p, host_p)
     x = random_grayscale(x, host_p)
     x = random_blur(x, p, host_p, taps)
     return random_solarize(x, host_p)
 
 
-def cut_crops(images, p, size):
-    """Crop boxes p[:, :4] out of uint8 images and resize them to size x size: on the CPU an (n, 3, H, W) uint8
-    tensor through F.interpolate's uint8 path, bicubic as the official code of all five methods and antialiased as
-    the PIL-based ones (VICReg, DINO, MAE; at most 2.6% slower than bilinear, measured in docs/speed.md), or with
-    --gpu-aug a float (n, 3, H, W) canvas in 0-255 holding them at the top left through roi_align (bilinear: it
-    averages ceil(box/size)^2 bilinear samples per pixel)."""
+def cut_crops(images, p, host_p, size):
+    """Crop boxes p[:, :4] out of uint8 images, resize them to size x size and flip them where host_p says, as
+    floats in 0-255 (the pixel work keeps uint8's scale, which saves a pass at each end). On the CPU, images is a
+    list of (3, H, W) uint8 tensors, each crop goes through F.interpolate's uint8 path, bicubic as the official code
+    of all five methods and antialiased as the PIL-based ones (VICReg, DINO, MAE; at most 2.6% slower than
+    bilinear, measured in docs/speed.md), and is flipped as uint8 and converted as it is written into the batch.
+    With --gpu-aug, images is a uint8 (N, 3, H, W) canvas holding them at the top left, cut through roi_align
+    (bilinear: it averages ceil(box/size)^2 bilinear samples per pixel) and flipped after."""
     if torch.is_tensor(images):
         top, left, h, w = p[:, :4].unbind(1)
         rois = torch.stack([torch.arange(len(p), device=p.device, dtype=p.dtype), left, top, left + w, top + h], 1)
-        return torchvision.ops.roi_align(images.float(), rois, size, aligned=True)
-    crops = []
-    for img, (top, left, h, w) in zip(images, p[:, :4].int().tolist()):
+        return flip(torchvision.ops.roi_align(images.float(), rois, size, aligned=True), host_p)
+    crops = torch.empty(len(images), 3, size, size)
+    boxes, flips = host_p[:, :4].int().tolist(), host_p[:, COL.flip].bool().tolist()
+    for out, img, (top, left, h, w), flipped in zip(crops, images, boxes, flips):
         crop = img[None, :, top : top + h, left : left + w]
-        crops.append(F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False))
-    return torch.cat(crops)
+        crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
+        out.copy_(crop.flip(-1) if flipped else crop)
+    return crops
 
 
 def pixel_noise(rows, like):
@@ -849,14 +858,14 @@ class Views:
             rows = params[:, group].transpose(0, 1).reshape(-1, len(FIELDS))  # view-major: (G n, F)
             as_float = normalise or bool(rows[:, COL.noise].any())
             x = torch.empty(len(rows), 3, size, size, device=device, dtype=torch.float32 if as_float else torch.uint8)
-            order = jitter_key(rows).argsort(stable=True)  # colour ops run on contiguous runs of one jitter order
+            order = render_order(rows)
             sorted_rows, taps = rows[order], min(blur_kernel(size), BLUR_TAPS_MAX)
             chunk = max(1, 2**20 // (3 * size * size)) if device.type == "cpu" else len(rows)
             for start in range(0, len(rows), chunk):
                 host_p, ids = sorted_rows[start : start + chunk], order[start : start + chunk] % n
                 src = images[ids.to(device)] if torch.is_tensor(images) else [images[i] for i in ids.tolist()]
                 p = host_p.to(device, non_blocking=True)
-                y = render(cut_crops(src, p, size), p, host_p, taps)
+                y = render(cut_crops(src, p, host_p, size), p, host_p, taps)
                 if host_p[:, COL.noise].any():
                     y = y + p[:, COL.noise].view(-1, 1, 1, 1) * 255 * pixel_noise(host_p, y)
                 x[start : start + len(host_p)] = normalize_batch(y) if as_float else to_uint8(y)
