@@ -150,8 +150,10 @@ def time_crops(views, dataset, n, batch):
     for first in range(0, n, batch):
         images, params = zip(*[augmented[(0, i)][0] for i in range(first, min(n, first + batch))])
         params = torch.stack(params)
-        for v, size in enumerate(views.sizes):
-            common.cut_crops(list(images), params[:, v], params[:, v], size)
+        for v, size in enumerate(views.sizes):  # in the pipeline's chunks of rows
+            chunk = common.rows_per_chunk(size, len(images), torch.device("cpu"))
+            for a in range(0, len(images), chunk):
+                common.cut_crops(images[a : a + chunk], params[a : a + chunk, v], params[a : a + chunk, v], size)
     return n / (time.perf_counter() - start)
 
 
