@@ -218,3 +218,23 @@ def test_worker_crops_are_torchvisions_bicubic_antialiased_resized_crop():
         got = views.render([img], params[None])[0][0]
         want = TF.resized_crop(img, top, left, height, width, [24, 24], v2.InterpolationMode.BICUBIC, antialias=True)
         assert torch.equal(got, want)
+
+
+def test_each_view_comes_out_as_if_its_image_were_rendered_alone():
+    """A batch's rows are sorted (blurred last, then by jitter order), cut into chunks, blurred as one slice per
+    chunk, grayscaled and solarized through a gather and a scatter, and put back in order: every view must equal
+    the one rendered from its image alone. DINO at 160 px with six 64 px local crops: 32 global rows in three
+    chunks, 96 local rows in two, with blur, grayscale and solarize all drawn."""
+    views = common.make_views("dino", 160, local_crops=6, patch=16)
+    augmented = common.Augmented(common.SyntheticTextures(16, 200, seed=0), views.draw, seed=3)
+    batch = [augmented[(0, i)] for i in range(16)]
+    images, params = zip(*[item for item, _ in batch])
+    params = torch.stack(params)
+    rows = params.flatten(0, 1)
+    assert rows[:, common.COL.blur].any() and not rows[:, common.COL.blur].all()
+    assert rows[:, common.COL.gray].any() and rows[:, common.COL.solarize].any()
+    assert [common.rows_per_chunk(s, 99, torch.device("cpu")) for s in (160, 64)] == [13, 85]
+    rendered = views.collate(batch)[0]
+    for i, img in enumerate(images):
+        alone = views.render([img], params[i : i + 1])
+        assert all(torch.equal(a[0], r[i]) for a, r in zip(alone, rendered))
