@@ -689,14 +689,17 @@ def adjust_hue(x, shift):
     red = torch.eq(v, r, out=torch.empty_like(v))  # as floats: 3x faster than a bool mask converted after
     not_red = 1 - red
     green = torch.eq(v, g, out=torch.empty_like(v)).mul_(not_red)
+    blue = not_red.sub_(green)
     h6 = (g - b).mul_(red)
-    h6.add_((b - r).add_(chroma, alpha=2).mul_(green)).add_((r - g).add_(chroma, alpha=4).mul_(not_red.sub_(green)))
+    h6.add_((b - r).add_(chroma, alpha=2).mul_(green))
+    h6.add_((r - g).add_(chroma, alpha=4).mul_(blue))
     # the new hue in turns, plus one: positive, so frac below is the modulo
     turns = h6.mul_(inv).add_(6 * shift.view(-1, 1, 1) + 6).mul_(1 / 6)
     u = torch.add(x.new_tensor([1, 4 / 6, 2 / 6]).view(1, 3, 1, 1), turns[:, None], out=x).frac_()
     # m + C clamp(|6u - 3| - 1, 0, 1) = (m - C) + 6 C clamp(|u - 1/2|, 1/6, 1/3)
     u = u.sub_(0.5).abs_().clamp_(1 / 6, 1 / 3)
-    return torch.addcmul(low.sub_(chroma)[:, None], chroma[:, None], u, value=6, out=u)
+    base = low.sub_(chroma)  # m - C
+    return torch.addcmul(base[:, None], chroma[:, None], u, value=6, out=u)
 
 
 def color_op(x, factor, which, bound=1.0):
@@ -730,10 +733,12 @@ def where_rows(mask, fn, x, *row_args):
     that form one contiguous run (the blurred ones: see render_order) are worked on as a slice, without a gather
     and a scatter."""
     idx = mask.nonzero()[:, 0]
-    if len(idx) and idx[-1] - idx[0] + 1 == len(idx):
+    if not len(idx):
+        return x
+    if idx[-1] - idx[0] + 1 == len(idx):
         rows = slice(int(idx[0]), int(idx[-1]) + 1)
         x[rows] = fn(x[rows], *[a[rows] for a in row_args])
-    elif len(idx):
+    else:
         idx = idx.to(x.device, non_blocking=True)
         x.index_copy_(0, idx, fn(x.index_select(0, idx), *[a.index_select(0, idx) for a in row_args]))
     return x
@@ -747,7 +752,7 @@ def jitter_key(rows):
 def render_order(rows):
     """The order in which a size group's rows are rendered: the blurred rows last, each part sorted by jitter_key,
     so that the blur works on one contiguous run of rows per chunk and each colour op on runs of one order."""
-    return (rows[:, COL.blur].long() * 257 + jitter_key(rows)).argsort(stable=True)
+    return (rows[:, COL.blur].long() * 257 + jitter_key(rows)).argsort(stable=True)  # jitter_key is at most 229
 
 
 def jitter_runs(host_p):
@@ -807,11 +812,13 @@ def render(crops, p, host_p, taps):
 
 
 def cut_crops(images, p, host_p, size):
-    """Crop boxes p[:, :4] out of uint8 images, resize them to size x size and flip them where host_p says, as
-    floats in 0-255 (the pixel work keeps uint8's scale, which saves a pass at each end). On the CPU, images is a
-    list of (3, H, W) uint8 tensors, each crop goes through F.interpolate's uint8 path, bicubic as the official code
-    of all five methods and antialiased as the PIL-based ones (VICReg, DINO, MAE; at most 2.6% slower than
-    bilinear, measured in docs/speed.md), and is flipped as uint8 and converted as it is written into the batch.
+    """Crop boxes (the rows' first four columns) out of uint8 images, resize them to size x size and flip them
+    where host_p says, as floats in 0-255 (the pixel work keeps uint8's scale, which saves a pass at each end). On
+    the CPU, images is a list of (3, H, W) uint8 tensors, each crop goes through F.interpolate's uint8 path, bicubic
+    as the official code of all five methods and antialiased as the PIL-based ones (VICReg, DINO, MAE; at most 2.6%
+    slower than bilinear, measured in docs/speed.md), and is flipped as uint8 and converted as it is written into
+    the batch: no separate float pass, and no gather and scatter of uint8 rows (index_copy_ on uint8 measured 12x
+    slower than a copy).
     With --gpu-aug, images is a uint8 (N, 3, H, W) canvas holding them at the top left, cut through roi_align
     (bilinear: it averages ceil(box/size)^2 bilinear samples per pixel) and flipped after."""
     if torch.is_tensor(images):
@@ -819,7 +826,8 @@ def cut_crops(images, p, host_p, size):
         rois = torch.stack([torch.arange(len(p), device=p.device, dtype=p.dtype), left, top, left + w, top + h], 1)
         return flip(torchvision.ops.roi_align(images.float(), rois, size, aligned=True), host_p)
     crops = torch.empty(len(images), 3, size, size)
-    boxes, flips = host_p[:, :4].int().tolist(), host_p[:, COL.flip].bool().tolist()
+    boxes = host_p[:, :4].int().tolist()
+    flips = host_p[:, COL.flip].bool().tolist()
     for out, img, (top, left, h, w), flipped in zip(crops, images, boxes, flips):
         crop = img[None, :, top : top + h, left : left + w]
         crop = F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]

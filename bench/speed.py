@@ -150,7 +150,7 @@ def time_crops(views, dataset, n, batch):
     for first in range(0, n, batch):
         images, params = zip(*[augmented[(0, i)][0] for i in range(first, min(n, first + batch))])
         params = torch.stack(params)
-        for v, size in enumerate(views.sizes):  # in the pipeline's chunks of rows
+        for v, size in enumerate(views.sizes):  # in chunks of the pipeline's size
             chunk = common.rows_per_chunk(size, len(images), torch.device("cpu"))
             for a in range(0, len(images), chunk):
                 common.cut_crops(images[a : a + chunk], params[a : a + chunk, v], params[a : a + chunk, v], size)

@@ -233,7 +233,8 @@ def test_each_view_comes_out_as_if_its_image_were_rendered_alone():
     rows = params.flatten(0, 1)
     assert rows[:, common.COL.blur].any() and not rows[:, common.COL.blur].all()
     assert rows[:, common.COL.gray].any() and rows[:, common.COL.solarize].any()
-    assert [common.rows_per_chunk(s, 99, torch.device("cpu")) for s in (160, 64)] == [13, 85]
+    cpu = torch.device("cpu")
+    assert common.rows_per_chunk(160, 32, cpu) < 32 and common.rows_per_chunk(64, 96, cpu) < 96
     rendered = views.collate(batch)[0]
     for i, img in enumerate(images):
         alone = views.render([img], params[i : i + 1])
