@@ -1465,13 +1465,24 @@ def resume(args, env, net, optimizer, scaler, steps_per_epoch, probe):
     return Resumed(epoch, state["step"], log)
 
 
+def read_json(path):
+    """The JSON object in path, None when there is no such file; an unreadable file or one holding something else
+    is a UserError."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(result, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return result
+
+
 def read_args(out):
     """The args.json in a run folder, {} without one."""
-    path = os.path.join(out, "args.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    return read_json(os.path.join(out, "args.json")) or {}
 
 
 def write_args(args, env):

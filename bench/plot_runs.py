@@ -14,7 +14,6 @@ scripts; --png '' prints the table alone.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -33,20 +32,6 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_json(path):
-    """The JSON object in path, None when there is no such file."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise common.UserError(f"cannot read {path}: {e}") from None
-    if not isinstance(result, dict):
-        raise common.UserError(f"{path} does not hold a JSON object")
-    return result
-
-
 def read_run(folder):
     """{"name", "points": [(flops, knn_top1, online_top1 or None)], "summary", "network", "eval"} of a run folder."""
     log_path = os.path.join(folder, "log.jsonl")
@@ -62,9 +47,9 @@ def read_run(folder):
     return {
         "name": os.path.basename(os.path.normpath(folder)),
         "points": points,
-        "summary": read_json(os.path.join(folder, "summary.json")) or {},
+        "summary": common.read_json(os.path.join(folder, "summary.json")) or {},
         "network": run_args.get("arch", "-") + (f" x{width:g}" if width != 1.0 else ""),  # a narrowed ResNet says so
-        "eval": read_json(os.path.join(folder, "eval.json")),
+        "eval": common.read_json(os.path.join(folder, "eval.json")),
     }
 
 
@@ -72,7 +57,7 @@ def read_baseline(spec):
     label, sep, path = spec.rpartition("=")
     if not sep or not label:
         raise common.UserError(f"--baseline {spec!r}: expected LABEL=path/to/eval.json")
-    result = read_json(path)
+    result = common.read_json(path)
     if result is None or "knn_top1" not in result:
         raise common.UserError(f"--baseline {spec!r}: {path} is not an eval.json of eval_linear.py")
     return {"name": label, "eval": result}
